@@ -1,0 +1,136 @@
+"""Typed model configurations and the preset registry.
+
+Every checkpoint directory holds a ``config.json`` written from :class:`ModelConfig`; loading one rebuilds
+exactly the same modules. Unknown keys are an error so that a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    latent_channels: int = 8
+    # Feature channels at full, 1/2, 1/4 and 1/8 resolution (three ×2 spatial stages make ×8).
+    channels: tuple[int, ...] = (16, 32, 64, 96)
+    res_blocks: int = 1  # 2-D residual blocks per resolution level
+    # Causal temporal residual blocks at the latent frame rate; each adds 2 * (kernel_t - 1) latent frames to
+    # the decoder's receptive field.
+    temporal_blocks: int = 1
+    kernel_t: int = 3
+    spatial_factor: int = 8
+    temporal_factor: int = 4
+
+    @property
+    def decode_context(self) -> int:
+        """Earlier latent frames that a decoded range depends on (the decoder's causal receptive field)."""
+        return self.temporal_blocks * 2 * (self.kernel_t - 1)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    # An open_clip model name: one of ours (model/configs/<name>.json) or a standard one such as ViT-B-32.
+    model_name: str = "longshot-text-demo"
+    # A local open_clip checkpoint file for standard names; never a hub tag.
+    pretrained: str | None = None
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    hidden: int = 192
+    depth: int = 6
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    patch: int = 2
+    max_window: int = 16  # observed + latent frames in one window
+    rope_theta_space: float = 100.0
+    rope_theta_time: float = 10000.0
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    # Time shift of the sampling schedule (SD3-style); >1 spends more steps at high noise.
+    shift: float = 3.0
+    # Probability of replacing the prompt by "" during training, so classifier-free guidance has an
+    # unconditional model to contrast with.
+    text_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    # Latents are stored normalised: z = (vae_mean - latent_shift) * latent_scale (set after VAE training).
+    latent_shift: float = 0.0
+    latent_scale: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        data = dict(data)
+        parts = {"vae": VAEConfig, "text": TextConfig, "dit": DiTConfig, "flow": FlowConfig}
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            if name in parts:
+                kwargs[name] = _build(parts[name], value, f"config.{name}")
+            elif name in {f.name for f in dataclasses.fields(cls)}:
+                kwargs[name] = value
+            else:
+                raise ValueError(f"config: unknown key {name!r}; allowed: {sorted(f.name for f in dataclasses.fields(cls))}")
+        if "preset" not in kwargs:
+            raise ValueError("config: missing key 'preset'")
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _build(kind: type, value: dict[str, Any], where: str):
+    allowed = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = set(value) - set(allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    return kind(**fixed)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tests: seconds to build, random weights are fine.
+    "tiny": ModelConfig(
+        preset="tiny",
+        vae=VAEConfig(latent_channels=4, channels=(8, 8, 16, 16), res_blocks=1, temporal_blocks=1),
+        text=TextConfig(model_name="longshot-text-tiny"),
+        dit=DiTConfig(hidden=16, depth=2, heads=2, max_window=8),
+    ),
+    # The shipped model: sized for a 60-second render on a 2-core CPU in minutes.
+    "demo": ModelConfig(
+        preset="demo",
+        vae=VAEConfig(latent_channels=8, channels=(16, 32, 64, 96), res_blocks=1, temporal_blocks=1),
+        text=TextConfig(model_name="longshot-text-demo"),
+        dit=DiTConfig(hidden=192, depth=6, heads=6, max_window=16),
+    ),
+    # A GPU-sized configuration for throughput work (~200M DiT parameters).
+    "base": ModelConfig(
+        preset="base",
+        vae=VAEConfig(latent_channels=16, channels=(64, 128, 256, 256), res_blocks=2, temporal_blocks=2),
+        text=TextConfig(model_name="ViT-B-32"),
+        dit=DiTConfig(hidden=1024, depth=12, heads=16, max_window=32),
+    ),
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,467 @@
+"""Video Diffusion Transformer over windows of latent frames.
+
+A *window* is a set of latent frames of one video at one resolution, each with an absolute latent-frame index
+(frames may be hundreds of indices apart), a noise level, and a flag: *observed* (clean, given) or *latent*
+(being denoised). Windows of different resolutions are packed into one flat token sequence, NaViT style; every
+attention is block-diagonal over that sequence:
+
+* spatial attention — the tokens of one frame (2-D rotary positions: row, column);
+* temporal attention — the frames of one window at one spatial position (1-D rotary positions: the absolute
+  latent-frame index, so the model knows how far apart frames are). Observed frames attend only to observed
+  frames; latent frames attend to observed frames and to the window's latent frames; in causal mode latent
+  frames see only frames with a time index up to their own;
+* cross-attention — the tokens of one frame to its window's text tokens.
+
+Blocks with equal shape are batched into one ``scaled_dot_product_attention`` call, which is the block-diagonal
+mask without materialising it (``block_diagonal_mask`` builds the dense mask for tests and debugging).
+
+Because observed frames never depend on latent frames, their temporal keys/values can be computed once per
+sampling call (:meth:`VideoDiT.observed_cache`) and reused at every denoising step: the long history costs one
+forward pass, not one per step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import DiTConfig
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+# ---------------------------------------------------------------------------------------------- positions
+def rope_angles(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (..., dim/2) of rotary embeddings for integer positions (...)."""
+    freqs = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    angles = positions.to(torch.float32)[..., None] * freqs
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate feature pairs (first half, second half) of the last dim of x by the given angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x.dtype)
+
+
+def spatial_rope(h: int, w: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D rotary tables (h*w, head_dim/2): half of each head encodes the row, half the column."""
+    rows = torch.arange(h, device=device).repeat_interleave(w)
+    cols = torch.arange(w, device=device).repeat(h)
+    cr, sr = rope_angles(rows, head_dim // 2, theta)
+    cc, sc = rope_angles(cols, head_dim // 2, theta)
+    # apply_rope pairs the first half of the features with the second half; interleave so that row and
+    # column each get their own pairs.
+    return torch.cat([cr, cc], dim=-1), torch.cat([sr, sc], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------- layout
+@dataclass
+class TemporalGroup:
+    index: torch.Tensor  # (S, F) token indices: S = windows * positions, F = frames per window
+    cos: torch.Tensor  # (S, F, head_dim/2)
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # (S, 1, F, F + F_cached) bool, None when every query may see every key
+    num_windows: int
+    positions: int
+    cached_cos: torch.Tensor | None = None  # rope of the observed frames held in the cache
+    cached_sin: torch.Tensor | None = None
+
+
+@dataclass
+class SpatialGroup:
+    index: torch.Tensor  # (n_frames, N) token indices
+    frames: torch.Tensor  # (n_frames,) frame numbers (for text and conditioning lookups)
+    cos: torch.Tensor  # (N, head_dim/2)
+    sin: torch.Tensor
+
+
+@dataclass
+class Layout:
+    """Index tables that realise block-diagonal attention over a packed token sequence."""
+
+    num_tokens: int
+    frame_of_token: torch.Tensor  # (L,)
+    window_of_frame: torch.Tensor  # (F_total,)
+    spatial: list[SpatialGroup] = field(default_factory=list)
+    temporal: list[TemporalGroup] = field(default_factory=list)
+
+
+def temporal_mask(observed: torch.Tensor, times: torch.Tensor, causal: bool,
+                  cached_times: torch.Tensor | None = None) -> torch.Tensor | None:
+    """(F, F_cached + F) visibility of keys for the queries of one window; None when all keys are visible.
+
+    Observed queries see observed keys; latent queries see every key (observed or latent), restricted in
+    causal mode to keys whose time index is not after their own. Cached keys are observed frames.
+    """
+    key_observed = observed
+    key_times = times
+    if cached_times is not None:
+        key_observed = torch.cat([torch.ones_like(cached_times, dtype=torch.bool), observed])
+        key_times = torch.cat([cached_times, times])
+    q_obs = observed[:, None]
+    visible = torch.where(q_obs, key_observed[None, :].expand(len(observed), -1), torch.ones(
+        len(observed), len(key_times), dtype=torch.bool, device=times.device))
+    if causal:
+        visible = visible & (q_obs | (key_times[None, :] <= times[:, None]))
+    return None if bool(visible.all()) else visible
+
+
+def build_layout(shapes: list[tuple[int, int, int]], observed: list[torch.Tensor], times: list[torch.Tensor],
+                 causal: bool, head_dim: int, cfg: DiTConfig, device,
+                 cached_times: torch.Tensor | None = None) -> Layout:
+    """Token order: window by window, frame by frame, row-major patches. shapes[i] = (frames, rows, cols)."""
+    frame_of_token, window_of_frame = [], []
+    spatial: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (rows, cols) -> [(frame, first token)]
+    temporal: dict[tuple, list[tuple[int, int, torch.Tensor, torch.Tensor | None]]] = {}
+    token, frame = 0, 0
+    for w, (f, h, wd) in enumerate(shapes):
+        n = h * wd
+        starts = []
+        for _ in range(f):
+            spatial.setdefault((h, wd), []).append((frame, token))
+            frame_of_token.append(torch.full((n,), frame, dtype=torch.long))
+            window_of_frame.append(w)
+            starts.append(token)
+            token += n
+            frame += 1
+        mask = temporal_mask(observed[w], times[w], causal, cached_times)
+        key = (f, n, None if mask is None else tuple(mask.flatten().tolist()))
+        temporal.setdefault(key, []).append((starts[0], w, times[w], mask))
+
+    layout = Layout(token, torch.cat(frame_of_token).to(device) if frame_of_token else torch.zeros(0, dtype=torch.long, device=device),
+                    torch.tensor(window_of_frame, dtype=torch.long, device=device))
+    for (h, wd), items in spatial.items():
+        n = h * wd
+        first = torch.tensor([t for _, t in items], dtype=torch.long, device=device)
+        index = first[:, None] + torch.arange(n, device=device)[None]
+        cos, sin = spatial_rope(h, wd, head_dim, cfg.rope_theta_space, device)
+        layout.spatial.append(SpatialGroup(index, torch.tensor([fr for fr, _ in items], device=device), cos, sin))
+    for (f, n, _), items in temporal.items():
+        # Frame k of a window starts at token first + k * n; position p adds p.
+        first = torch.tensor([t for t, _, _, _ in items], dtype=torch.long, device=device)
+        pos = torch.arange(n, device=device)
+        fr = torch.arange(f, device=device) * n
+        index = (first[:, None, None] + pos[None, :, None] + fr[None, None, :]).reshape(-1, f)  # (W*n, F)
+        t = torch.stack([tm for _, _, tm, _ in items]).to(device)  # (W, F)
+        cos, sin = rope_angles(t, head_dim, cfg.rope_theta_time)  # (W, F, hd/2)
+        cos, sin = cos.repeat_interleave(n, 0), sin.repeat_interleave(n, 0)
+        mask = items[0][3]
+        if mask is not None:
+            mask = mask.to(device)[None, None].expand(len(items) * n, 1, -1, -1)
+        group = TemporalGroup(index, cos, sin, mask, len(items), n)
+        if cached_times is not None:
+            c, s = rope_angles(cached_times.to(device), head_dim, cfg.rope_theta_time)
+            group.cached_cos, group.cached_sin = c, s
+        layout.temporal.append(group)
+    return layout
+
+
+def block_diagonal_mask(layout: Layout, kind: str) -> torch.Tensor:
+    """Dense (L, L) boolean mask equivalent to the grouped attention of ``kind`` ('spatial' or 'temporal')."""
+    mask = torch.zeros(layout.num_tokens, layout.num_tokens, dtype=torch.bool)
+    if kind == "spatial":
+        for g in layout.spatial:
+            for row in g.index.cpu():
+                mask[row[:, None], row[None, :]] = True
+    else:
+        for g in layout.temporal:
+            for s, row in enumerate(g.index.cpu()):
+                vis = torch.ones(len(row), len(row), dtype=torch.bool) if g.mask is None else g.mask[s, 0].cpu()
+                mask[row[:, None], row[None, :]] = vis
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------- modules
+class TimestepEmbedder(nn.Module):
+    """Noise level t in [0, 1] -> vector, through sinusoidal features and an MLP (as in DiT)."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (F,) -> (F, D)
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (t.float() * 1000.0)[:, None] * freqs[None]
+        emb = torch.cat([args.cos(), args.sin()], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v projections (tensor-parallel friendly) and q/k RMS norm."""
+
+    def __init__(self, hidden: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        self.head_dim = hidden // heads
+        kv_in = context_dim or hidden
+        self.q = nn.Linear(hidden, hidden)
+        self.k = nn.Linear(kv_in, hidden)
+        self.v = nn.Linear(kv_in, hidden)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def heads_of(self, x: torch.Tensor) -> torch.Tensor:  # (..., S, D) -> (..., H, S, hd)
+        return x.unflatten(-1, (-1, self.head_dim)).transpose(-3, -2)
+
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_norm(self.heads_of(self.k(context))), self.heads_of(self.v(context))
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q_norm(self.heads_of(self.q(x)))
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:  # (..., H, S, hd) -> (..., S, D)
+        return self.proj(o.transpose(-3, -2).flatten(-2))
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden: int, ratio: float):
+        super().__init__()
+        inner = int(hidden * ratio)
+        self.fc1 = nn.Linear(hidden, inner)
+        self.fc2 = nn.Linear(inner, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+@dataclass
+class BlockCache:
+    """Temporal keys/values of observed frames for one block: (S, H, F_obs, hd) each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class DiTBlock(nn.Module):
+    """Spatial attention -> temporal attention -> cross-attention -> MLP, with adaLN-Zero modulation.
+
+    The modulation vectors are computed outside the block (``VideoDiT.ada``) so that tensor-parallel
+    injection may split every linear layer inside the block by heads or features.
+    """
+
+    def __init__(self, cfg: DiTConfig, text_dim: int):
+        super().__init__()
+        d = cfg.hidden
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.spatial_attn = Attention(d, cfg.heads)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.temporal_attn = Attention(d, cfg.heads)
+        self.norm3 = nn.LayerNorm(d, eps=1e-6)
+        self.cross_attn = Attention(d, cfg.heads, context_dim=text_dim)
+        self.norm4 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(d, cfg.mlp_ratio)
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, layout: Layout, text_kv, text_mask: torch.Tensor,
+                cache: BlockCache | None = None, record: list | None = None) -> torch.Tensor:
+        # x: (L, D) packed tokens; mod: (L, 9D) per-token modulation (from each token's frame).
+        s1, c1, g1, s2, c2, g2, s3, c3, g3 = mod.chunk(9, dim=-1)
+        x = x + g1 * self.spatial(modulate(self.norm1(x), s1, c1), layout)
+        x = x + g2 * self.temporal(modulate(self.norm2(x), s2, c2), layout, cache, record)
+        x = x + self.cross(self.norm3(x), layout, text_kv, text_mask)
+        x = x + g3 * self.mlp(modulate(self.norm4(x), s3, c3))
+        return x
+
+    def spatial(self, h: torch.Tensor, layout: Layout) -> torch.Tensor:
+        attn, out = self.spatial_attn, torch.empty_like(h)
+        for g in layout.spatial:
+            xs = h[g.index]  # (n_frames, N, D)
+            q = apply_rope(attn.project_q(xs), g.cos, g.sin)  # (n_frames, H, N, hd)
+            k, v = attn.project_kv(xs)
+            k = apply_rope(k, g.cos, g.sin)
+            o = F.scaled_dot_product_attention(q, k, v)
+            out[g.index] = attn.out(o)
+        return out
+
+    def temporal(self, h: torch.Tensor, layout: Layout, cache: BlockCache | None, record: list | None):
+        attn, out = self.temporal_attn, torch.empty_like(h)
+        for gi, g in enumerate(layout.temporal):
+            xs = h[g.index]  # (S, F, D)
+            cos, sin = g.cos[:, None], g.sin[:, None]  # broadcast over heads
+            q = apply_rope(attn.project_q(xs), cos, sin)  # (S, H, F, hd)
+            k, v = attn.project_kv(xs)
+            k = apply_rope(k, cos, sin)
+            if record is not None:
+                record.append(BlockCache(k, v))
+            if cache is not None:
+                k = torch.cat([cache.k, k], dim=2)
+                v = torch.cat([cache.v, v], dim=2)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask)
+            out[g.index] = attn.out(o)
+        return out
+
+    def cross(self, h: torch.Tensor, layout: Layout, text_kv, text_mask: torch.Tensor) -> torch.Tensor:
+        attn, out = self.cross_attn, torch.empty_like(h)
+        k_all, v_all = text_kv  # (W, H, L, hd)
+        for g in layout.spatial:
+            win = layout.window_of_frame[g.frames]
+            q = attn.project_q(h[g.index])  # (n_frames, H, N, hd)
+            mask = text_mask[win][:, None, None, :]  # (n_frames, 1, 1, L)
+            o = F.scaled_dot_product_attention(q, k_all[win], v_all[win], attn_mask=mask)
+            out[g.index] = attn.out(o)
+        return out
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, out_dim)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.ada(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+@dataclass
+class ObservedCache:
+    """Per-block temporal keys/values of the observed frames of a batch of equally shaped windows."""
+
+    blocks: list[BlockCache]
+    times: torch.Tensor  # (F_obs,) shared by the windows
+    text_kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class FrameInputs:
+    """One window: frames in time order with their flags, ready for the DiT."""
+
+    frames: torch.Tensor  # (F, C, h, w) noisy latent frames or clean observed frames
+    observed: torch.Tensor  # (F,) bool
+    times: torch.Tensor  # (F,) long, absolute latent-frame indices
+    noise: torch.Tensor  # (F,) float noise level t in [0, 1]; 0 for observed frames
+
+
+class VideoDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig, latent_channels: int, text_dim: int, text_pooled_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.latent_channels = latent_channels
+        d, p = cfg.hidden, cfg.patch
+        if d % cfg.heads or (d // cfg.heads) % 4:
+            raise ValueError(f"dit.hidden: {d} must split into {cfg.heads} heads of a size divisible by 4")
+        self.head_dim = d // cfg.heads
+        # +1 input channel: the observed mask (FDM / VDT), so the model can tell given frames from noise.
+        self.patch_embed = nn.Linear((latent_channels + 1) * p * p, d)
+        self.t_embed = TimestepEmbedder(d)
+        self.text_pool = nn.Linear(text_pooled_dim, d)
+        self.blocks = nn.ModuleList([DiTBlock(cfg, text_dim) for _ in range(cfg.depth)])
+        self.ada = nn.ModuleList([nn.Sequential(nn.SiLU(), nn.Linear(d, 9 * d)) for _ in range(cfg.depth)])
+        self.final = FinalLayer(d, latent_channels * p * p)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def basic(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.apply(basic)
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every residual branch starts closed and the output layer starts at zero.
+        for ada in self.ada:
+            nn.init.zeros_(ada[-1].weight)
+            nn.init.zeros_(ada[-1].bias)
+        for block in self.blocks:  # cross-attention has no gate: close it through its output projection
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
+        nn.init.zeros_(self.final.ada[-1].weight)
+        nn.init.zeros_(self.final.ada[-1].bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    # -- patches ------------------------------------------------------------------------------------------
+    def patchify(self, frames: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """(F, C, h, w) -> (F * h/p * w/p, (C+1)*p*p) with the observed mask as an extra channel."""
+        f, c, h, w = frames.shape
+        p = self.cfg.patch
+        mask = observed.to(frames.dtype)[:, None, None, None].expand(f, 1, h, w)
+        x = torch.cat([frames, mask], dim=1)
+        x = x.reshape(f, c + 1, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(f * (h // p) * (w // p), (c + 1) * p * p)
+
+    def unpatchify(self, x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
+        p, c = self.cfg.patch, self.latent_channels
+        x = x.reshape(f, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(f, c, h, w)
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def check_window(self, win: FrameInputs) -> None:
+        f, c, h, w = win.frames.shape
+        if c != self.latent_channels:
+            raise ValueError(f"latents: expected {self.latent_channels} channels, got {c} (shape {tuple(win.frames.shape)})")
+        if h % self.cfg.patch or w % self.cfg.patch:
+            raise ValueError(f"latents: height and width must be multiples of {self.cfg.patch}, got {h}x{w}")
+        if f > self.cfg.max_window:
+            raise ValueError(f"window: {f} frames exceed this model's maximum window of {self.cfg.max_window}")
+        for name, t in (("observed", win.observed), ("times", win.times), ("noise", win.noise)):
+            if t.shape != (f,):
+                raise ValueError(f"{name}: expected shape ({f},) for a window of {f} frames, got {tuple(t.shape)}")
+
+    def _conditioning(self, windows: list[FrameInputs], text_pooled: torch.Tensor) -> torch.Tensor:
+        noise = torch.cat([w.noise for w in windows])
+        win = torch.cat([torch.full((len(w.noise),), i, device=noise.device) for i, w in enumerate(windows)])
+        return self.t_embed(noise) + self.text_pool(text_pooled)[win]  # (F_total, D)
+
+    def text_context(self, text_tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [b.cross_attn.project_kv(text_tokens) for b in self.blocks]
+
+    def forward(self, windows: list[FrameInputs], text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                text_pooled: torch.Tensor, causal: bool = False, cache: ObservedCache | None = None,
+                record: list | None = None) -> list[torch.Tensor]:
+        """Velocity predictions (F, C, h, w) for every window (observed frames' outputs are meaningless).
+
+        text_tokens (W, L, Dt), text_mask (W, L), text_pooled (W, E): one row per window.
+        With ``cache``, ``windows`` hold latent frames only, all equally shaped, and the observed frames'
+        keys/values come from the cache.
+        """
+        for w in windows:
+            self.check_window(w)
+        p = self.cfg.patch
+        shapes = [(w.frames.shape[0], w.frames.shape[2] // p, w.frames.shape[3] // p) for w in windows]
+        device = windows[0].frames.device
+        layout = build_layout(shapes, [w.observed.cpu() for w in windows], [w.times.cpu() for w in windows],
+                              causal, self.head_dim, self.cfg, device,
+                              cached_times=None if cache is None else cache.times.cpu())
+        x = self.patch_embed(torch.cat([self.patchify(w.frames, w.observed) for w in windows]).to(self.patch_embed.weight.dtype))
+        c = self._conditioning(windows, text_pooled)  # (F_total, D)
+        text_kv = cache.text_kv if cache is not None else self.text_context(text_tokens)
+        for i, block in enumerate(self.blocks):
+            mod = self.ada[i](c)[layout.frame_of_token]  # (L, 9D)
+            x = block(x, mod, layout, text_kv[i], text_mask,
+                      cache=None if cache is None else cache.blocks[i], record=record)
+        x = self.final(x, c[layout.frame_of_token])
+        outs, start = [], 0
+        for (f, h, w), win in zip(shapes, windows):
+            n = f * h * w
+            outs.append(self.unpatchify(x[start:start + n], f, win.frames.shape[2], win.frames.shape[3]))
+            start += n
+        return outs
+
+    @torch.no_grad()
+    def observed_cache(self, windows: list[FrameInputs], text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                       text_pooled: torch.Tensor) -> ObservedCache:
+        """Run the observed frames alone (they attend only to each other) and keep their temporal K/V.
+
+        ``windows`` hold only observed frames and must be equally shaped (the guidance branches of one
+        sampling call); the cache then serves latent-only forwards of windows with the same shape.
+        """
+        shapes = {(tuple(w.frames.shape), tuple(w.times.tolist())) for w in windows}
+        if len(shapes) != 1:
+            raise ValueError("observed_cache: windows must share frame shape and times")
+        record: list[BlockCache] = []
+        self.forward(windows, text_tokens, text_mask, text_pooled, causal=False, record=record)
+        return ObservedCache(record, windows[0].times.clone(), self.text_context(text_tokens))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

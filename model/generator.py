@@ -1,0 +1,404 @@
+"""The model facade the orchestrator uses: load a checkpoint, encode text, sample windows, encode, decode.
+
+A checkpoint directory holds ``config.json`` (the :class:`ModelConfig`, naming its preset) and
+``model.safetensors`` (weights of the VAE, text encoder and DiT, under the prefixes ``vae.``, ``text.`` and
+``dit.``). Its content hash is recorded by the orchestrator in every job store, so a resumed render can prove
+it uses the same weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig, get_preset
+from model.dit import FrameInputs, VideoDiT
+from model.flow import get_sampler, guided, time_schedule
+from model.text import TextEmbedding, TextEncoder
+from model.vae import CausalVAE
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+SHIPPED_DIR = Path(__file__).parent / "checkpoints" / "demo"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete or corrupt."""
+
+    def __init__(self, path: Path | str, problem: str):
+        self.path = str(path)
+        super().__init__(f"checkpoint {self.path!r}: {problem}")
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which latent frames a sampling call sees (observed) and generates (latent), at latent size h x w."""
+
+    observed_times: tuple[int, ...]
+    latent_times: tuple[int, ...]
+    height: int
+    width: int
+
+    def __post_init__(self):
+        obs, lat = tuple(int(t) for t in self.observed_times), tuple(int(t) for t in self.latent_times)
+        object.__setattr__(self, "observed_times", obs)
+        object.__setattr__(self, "latent_times", lat)
+        if not lat:
+            raise ValueError("window.latent_times: at least one latent frame is required")
+        if len(set(obs)) != len(obs) or len(set(lat)) != len(lat):
+            raise ValueError("window: frame times must not repeat")
+        both = set(obs) & set(lat)
+        if both:
+            raise ValueError(f"window: frames {sorted(both)} are both observed and latent")
+        if min(obs + lat) < 0:
+            raise ValueError(f"window: frame times must be >= 0, got {min(obs + lat)}")
+
+    @property
+    def size(self) -> int:
+        return len(self.observed_times) + len(self.latent_times)
+
+
+class VideoModel(nn.Module):
+    """The three trained parts together, so one state dict covers a checkpoint."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vae = CausalVAE(cfg.vae)
+        with _quiet_open_clip():
+            self.text = TextEncoder(cfg.text)
+        self.dit = VideoDiT(cfg.dit, cfg.vae.latent_channels, self.text.width, self.text.embed_dim)
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in getattr(self, name).parameters()) for name in ("vae", "text", "dit")}
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    # open_clip logs "No pretrained weights loaded" on the root logger for every randomly built model.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Generator:
+    """Inference facade over a :class:`VideoModel`. See the module docstring for the checkpoint format."""
+
+    def __init__(self, model: VideoModel, *, device=None, checkpoint_hash: str | None = None):
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.config = model.cfg
+        # CPU: fp32. CUDA: bf16 autocast where the card supports it (weights stay fp32 for exactness of norms).
+        self.dtype = (torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+                      else torch.float32)
+        self.checkpoint_hash = checkpoint_hash or _state_hash(self.model)
+        self._dit_call: Callable = self.model.dit
+        self.engine = "eager"
+        self._text_cache: dict[str, TextEmbedding] = {}
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, *, device=None, seed: int = 0) -> "Generator":
+        """A randomly initialised model of a preset (deterministic for the seed)."""
+        cfg = get_preset(name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = VideoModel(cfg)
+        return cls(model, device=device)
+
+    @classmethod
+    def load(cls, path: str | Path, *, device=None) -> "Generator":
+        path = Path(path).expanduser()
+        config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+        if not path.is_dir():
+            raise CheckpointError(path, "no such directory; train one with `longshot train vae|text|dit "
+                                  "--preset demo`, or use a preset name such as 'tiny'")
+        for required in (config_path, weights_path):
+            if not required.is_file():
+                raise CheckpointError(path, f"missing file {required.name!r}; a checkpoint directory needs "
+                                      f"{CONFIG_FILE} and {WEIGHTS_FILE} (written by Generator.save or `longshot train`)")
+        try:
+            meta = json.loads(config_path.read_text())
+            cfg = ModelConfig.from_dict(meta["model"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(path, f"{CONFIG_FILE} is not a valid model config ({err})") from err
+        try:
+            state = load_file(str(weights_path))
+        except Exception as err:  # safetensors raises its own error types for truncated files
+            raise CheckpointError(path, f"{WEIGHTS_FILE} is corrupt or truncated ({err})") from err
+        with _quiet_open_clip():
+            model = VideoModel(cfg)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(path, f"weights do not match preset {cfg.preset!r}: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise CheckpointError(path, f"tensor {key!r} has shape {tuple(value.shape)}, "
+                                      f"expected {tuple(expected[key].shape)}")
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+        return cls(model, device=device, checkpoint_hash=file_hash(weights_path))
+
+    def save(self, path: str | Path, *, dtype: torch.dtype = torch.float32, extra: dict | None = None) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+                 for k, v in self.model.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_FILE))
+        meta = {"format": FORMAT_VERSION, "model": self.config.to_dict(), **(extra or {})}
+        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        self.checkpoint_hash = file_hash(path / WEIGHTS_FILE)
+        return path
+
+    @staticmethod
+    def default_checkpoint() -> Path | None:
+        """The shipped demo checkpoint directory, if this installation has it."""
+        return SHIPPED_DIR if (SHIPPED_DIR / WEIGHTS_FILE).is_file() else None
+
+    @classmethod
+    def from_name(cls, name_or_path: str | Path, *, device=None) -> "Generator":
+        """A preset name (random weights) or a checkpoint directory."""
+        if isinstance(name_or_path, str) and name_or_path in _preset_names():
+            if name_or_path == "demo" and cls.default_checkpoint() is not None:
+                return cls.load(cls.default_checkpoint(), device=device)
+            return cls.from_preset(name_or_path, device=device)
+        return cls.load(name_or_path, device=device)
+
+    # -- facts the orchestrator reads ---------------------------------------------------------------------
+    @property
+    def identity(self) -> dict:
+        return {"preset": self.config.preset, "checkpoint_hash": self.checkpoint_hash}
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.vae.latent_channels
+
+    @property
+    def max_window(self) -> int:
+        return self.config.dit.max_window
+
+    @property
+    def decode_context(self) -> int:
+        return self.config.vae.decode_context
+
+    def num_latent_frames(self, num_frames: int) -> int:
+        if num_frames < 1:
+            raise ValueError(f"num_frames: must be at least 1, got {num_frames}")
+        return self.model.vae.num_latent_frames(num_frames)
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        self.model.vae.check_size(height, width)
+        f = self.config.vae.spatial_factor
+        return height // f, width // f
+
+    def parameter_counts(self) -> dict[str, int]:
+        return self.model.parameter_counts()
+
+    # -- DeepSpeed ----------------------------------------------------------------------------------------
+    def enable_deepspeed(self, tp_size: int = 1) -> None:
+        """Run the DiT through ``deepspeed.init_inference`` (tensor parallel over ``tp_size`` ranks)."""
+        from model.deepspeed_compat import init_inference
+
+        engine = init_inference(self.model.dit, dtype=self.dtype, tp_size=tp_size)
+        self._dit_call = engine
+        self.engine = "deepspeed"
+
+    # -- text ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> TextEmbedding:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            emb = self.model.text.encode(missing)
+            for i, p in enumerate(missing):
+                self._text_cache[p] = TextEmbedding(emb.tokens[i:i + 1], emb.mask[i:i + 1], emb.pooled[i:i + 1])
+        return TextEmbedding.cat([self._text_cache[p] for p in prompts])
+
+    # -- sampling -----------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def check_window(self, window: Window, observed: torch.Tensor | None) -> None:
+        if window.size > self.max_window:
+            raise ValueError(f"window: {window.size} frames ({len(window.observed_times)} observed + "
+                             f"{len(window.latent_times)} latent) exceed the maximum window of {self.max_window} "
+                             f"for preset {self.config.preset!r}")
+        c = self.latent_channels
+        expected = (len(window.observed_times), c, window.height, window.width)
+        if window.observed_times:
+            if observed is None or tuple(observed.shape) != expected:
+                got = None if observed is None else tuple(observed.shape)
+                raise ValueError(f"observed: expected latents of shape {expected} for this window, got {got}")
+        if window.height % 2 or window.width % 2 or window.height < 2 or window.width < 2:
+            raise ValueError(f"window: latent size {window.height}x{window.width} must be even "
+                             "(frame sizes are multiples of 16)")
+
+    @torch.no_grad()
+    def sample(self, window: Window, observed: torch.Tensor | None, prompt: str | TextEmbedding, *, seed: int,
+               steps: int, guidance: float, sampler: str = "euler", causal: bool = False,
+               callback: Callable[[int, int], None] | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Generate the window's latent frames; returns (n_latent, C, h, w) float32 on the CPU.
+
+        Deterministic for (seed, window, observed, prompt, settings) on one device: the initial noise is
+        drawn on the CPU from ``torch.Generator().manual_seed(seed)``.
+        """
+        self.check_window(window, observed)
+        step_fn = get_sampler(sampler)
+        if steps < 1:
+            raise ValueError(f"steps: must be at least 1, got {steps}")
+        dev, c, h, w = self.device, self.latent_channels, window.height, window.width
+        prompts = [prompt] if guidance == 1.0 else [prompt, ""]
+        text = prompt if isinstance(prompt, TextEmbedding) else self.encode_text(prompts)
+        if isinstance(prompt, TextEmbedding) and guidance != 1.0:
+            text = TextEmbedding.cat([prompt, self.encode_text([""])])
+        text = text.to(dev)
+        branches = len(text)
+
+        lat_order = sorted(range(len(window.latent_times)), key=lambda i: window.latent_times[i])
+        lat_times = torch.tensor([window.latent_times[i] for i in lat_order], dtype=torch.long)
+        n_lat = len(lat_times)
+        noise = torch.randn((n_lat, c, h, w), generator=torch.Generator().manual_seed(int(seed)))
+        x = noise.to(dev)
+
+        obs_times = torch.tensor(window.observed_times, dtype=torch.long)
+        obs = None if observed is None or not window.observed_times else observed.to(dev, torch.float32)
+        if obs is not None:
+            order = torch.argsort(obs_times)
+            obs_times, obs = obs_times[order], obs[order]
+
+        def split(outs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            v = [o.float() for o in outs]
+            return (v[0], v[1]) if branches == 2 else (v[0], v[0])
+
+        if obs is not None and use_cache:
+            obs_win = FrameInputs(obs, torch.ones(len(obs_times), dtype=torch.bool, device=dev), obs_times.to(dev),
+                                  torch.zeros(len(obs_times), device=dev))
+            with self._autocast():
+                cache = self.model.dit.observed_cache([obs_win] * branches, text.tokens, text.mask, text.pooled)
+
+            def cond_uncond(xt: torch.Tensor, t: torch.Tensor):
+                win = FrameInputs(xt, torch.zeros(n_lat, dtype=torch.bool, device=dev), lat_times.to(dev),
+                                  t.expand(n_lat))
+                with self._autocast():
+                    return split(self._dit_call([win] * branches, text.tokens, text.mask, text.pooled,
+                                                causal=causal, cache=cache))
+        else:
+            all_times = lat_times if obs is None else torch.cat([obs_times, lat_times])
+            order = torch.argsort(all_times)
+            is_obs = torch.zeros(len(all_times), dtype=torch.bool)
+            is_obs[: len(all_times) - n_lat] = True
+            is_obs = is_obs[order]
+            lat_slots = (~is_obs).nonzero().squeeze(1).to(dev)
+
+            def cond_uncond(xt: torch.Tensor, t: torch.Tensor):
+                frames = xt if obs is None else torch.cat([obs, xt])[order.to(dev)]
+                levels = torch.where(is_obs.to(dev), torch.zeros((), device=dev), t)
+                win = FrameInputs(frames, is_obs.to(dev), all_times[order].to(dev), levels)
+                with self._autocast():
+                    outs = self._dit_call([win] * branches, text.tokens, text.mask, text.pooled, causal=causal)
+                return split([o[lat_slots] for o in outs])
+
+        model_fn = guided(cond_uncond, guidance) if branches == 2 else (lambda xt, t: cond_uncond(xt, t)[0])
+        times = time_schedule(steps, self.config.flow.shift, device=dev)
+        x = step_fn(model_fn, x, times, callback=callback)
+        result = torch.empty_like(x)
+        result[torch.tensor(lat_order, device=dev)] = x  # back to the caller's order of latent_times
+        return result.float().cpu()
+
+    # -- VAE ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, frames) -> torch.Tensor:
+        """uint8 frames (T, H, W, 3) -> normalised latents (T_lat, C, h, w) float32 on the CPU.
+
+        A clip whose length is not 1 + 4k is padded at the end by repeating its last frame.
+        """
+        video = torch.as_tensor(np.asarray(frames) if not torch.is_tensor(frames) else frames)
+        if video.dtype != torch.uint8 or video.dim() != 4 or video.shape[-1] != 3:
+            raise ValueError(f"frames: expected uint8 (T, H, W, 3), got {video.dtype} {tuple(video.shape)}")
+        self.model.vae.check_size(video.shape[1], video.shape[2])
+        tf = self.config.vae.temporal_factor
+        pad = (-(video.shape[0] - 1)) % tf
+        if pad:
+            video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
+        x = video.to(self.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, T, H, W)
+        mean, _ = self.model.vae.encode_dist(x)
+        z = (mean - self.config.latent_shift) * self.config.latent_scale
+        return z[0].transpose(0, 1).float().cpu()
+
+    @torch.no_grad()
+    def decode_float(self, latents: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Like :meth:`decode` but returns float pixels on the 0..255 scale before rounding, (T, H, W, 3)."""
+        c = self.latent_channels
+        for name, t in (("latents", latents), ("context", context)):
+            if t is not None and (t.dim() != 4 or t.shape[1] != c):
+                raise ValueError(f"{name}: expected (n, {c}, h, w) latents, got {tuple(t.shape)}")
+        if len(latents) == 0:
+            raise ValueError("latents: at least one latent frame is required")
+        if context is not None and len(context) and context.shape[2:] != latents.shape[2:]:
+            raise ValueError(f"context: latent size {tuple(context.shape[2:])} differs from latents "
+                             f"{tuple(latents.shape[2:])}")
+        z = latents if context is None or not len(context) else torch.cat([context, latents])
+        z = z.to(self.device, torch.float32) / self.config.latent_scale + self.config.latent_shift
+        frames = self.model.vae.decode_frames(z.transpose(0, 1)[None], from_start=context is None or not len(context))
+        frames = frames[0].permute(1, 2, 3, 0)  # (T, H, W, 3)
+        if context is not None and len(context):
+            frames = frames[-self.config.vae.temporal_factor * len(latents):]
+        return ((frames.float().clamp(-1, 1) + 1) * 127.5).cpu()
+
+    def decode(self, latents: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents (n, C, h, w) -> uint8 frames (T, H, W, 3).
+
+        ``context=None``: the latents start the video, giving 1 + 4(n-1) frames. Otherwise ``context`` is the
+        latent frames just before ``latents`` (up to :attr:`decode_context` of them, or all from latent 0) and
+        the result is exactly the 4n frames of ``latents``, equal to the same frames of a one-shot decode.
+        """
+        return self.decode_float(latents, context).round().to(torch.uint8)
+
+
+def _preset_names() -> list[str]:
+    from model.config import preset_names
+    return preset_names()
+
+
+def _state_hash(model: nn.Module) -> str:
+    """Content hash of in-memory weights (for presets built from random init)."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()

@@ -1,0 +1,204 @@
+"""Causal 3-D video VAE: ×8 in space, ×4 in time, the first frame encoded alone.
+
+A video of ``1 + 4k`` frames maps to ``1 + k`` latent frames: latent 0 holds frame 0 only (so a still image is
+a one-frame video), latent ``i >= 1`` holds frames ``4i-3 .. 4i``. Frames are grouped four at a time into
+channels (space-to-time packing) after padding the front with three copies of frame 0; all temporal mixing
+happens at the latent frame rate through causal convolutions, and every other layer is per frame. Decoding
+latent ``i`` therefore depends only on latents ``i - decode_context .. i``, which is what lets the
+orchestrator decode segments independently and seamlessly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import VAEConfig
+
+
+def _groups(channels: int) -> int:
+    for g in (32, 16, 8, 4, 2, 1):
+        if channels % g == 0 and channels // g >= 2:
+            return g
+    return 1
+
+
+class FrameNorm(nn.GroupNorm):
+    """GroupNorm over each frame alone: statistics across time would break causality."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
+        b, c, t, h, w = x.shape
+        y = super().forward(x.transpose(1, 2).reshape(b * t, c, h, w))
+        return y.reshape(b, t, c, h, w).transpose(1, 2)
+
+
+class FrameConv(nn.Conv2d):
+    """A 2-D convolution applied to every frame independently."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
+        b, c, t, h, w = x.shape
+        y = super().forward(x.transpose(1, 2).reshape(b * t, c, h, w))
+        return y.reshape(b, t, *y.shape[1:]).transpose(1, 2)
+
+
+class CausalConv3d(nn.Conv3d):
+    """3-D convolution that sees only the current and earlier frames (front padding by edge replication)."""
+
+    def __init__(self, cin: int, cout: int, kernel_t: int = 3, kernel_s: int = 3):
+        super().__init__(cin, cout, (kernel_t, kernel_s, kernel_s), padding=(0, kernel_s // 2, kernel_s // 2))
+        self.time_pad = kernel_t - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
+        if self.time_pad:
+            x = torch.cat([x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1), x], dim=2)
+        return super().forward(x)
+
+
+class FrameResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = FrameNorm(_groups(cin), cin), FrameConv(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = FrameNorm(_groups(cout), cout), FrameConv(cout, cout, 3, padding=1)
+        self.skip = FrameConv(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class CausalResBlock(nn.Module):
+    """Residual block mixing latent frames causally; receptive field 2 * (kernel_t - 1) latent frames."""
+
+    def __init__(self, channels: int, kernel_t: int):
+        super().__init__()
+        self.norm1, self.conv1 = FrameNorm(_groups(channels), channels), CausalConv3d(channels, channels, kernel_t)
+        self.norm2, self.conv2 = FrameNorm(_groups(channels), channels), CausalConv3d(channels, channels, kernel_t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = FrameConv(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = FrameConv(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        x = F.interpolate(x.transpose(1, 2).reshape(b * t, c, h, w), scale_factor=2, mode="nearest")
+        return self.conv(x.reshape(b, t, c, 2 * h, 2 * w).transpose(1, 2))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, tf = cfg.channels, cfg.temporal_factor
+        self.conv_in = FrameConv(3 * tf, ch[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        for level, c in enumerate(ch):
+            cin = ch[max(level - 1, 0)]
+            for i in range(cfg.res_blocks):
+                layers.append(FrameResBlock(cin if i == 0 else c, c))
+            if level < len(ch) - 1:
+                layers.append(Downsample(c))
+        self.down = nn.Sequential(*layers)
+        self.temporal = nn.Sequential(*[CausalResBlock(ch[-1], cfg.kernel_t) for _ in range(cfg.temporal_blocks)])
+        self.norm_out = FrameNorm(_groups(ch[-1]), ch[-1])
+        self.conv_out = FrameConv(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3*tf, T_lat, H, W) -> (B, 2C, T_lat, h, w)
+        x = self.down(self.conv_in(x))
+        x = self.temporal(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, tf = cfg.channels, cfg.temporal_factor
+        self.conv_in = FrameConv(cfg.latent_channels, ch[-1], 3, padding=1)
+        self.temporal = nn.Sequential(*[CausalResBlock(ch[-1], cfg.kernel_t) for _ in range(cfg.temporal_blocks)])
+        layers: list[nn.Module] = []
+        for level in reversed(range(len(ch))):
+            c = ch[level]
+            cin = ch[min(level + 1, len(ch) - 1)]
+            for i in range(cfg.res_blocks):
+                layers.append(FrameResBlock(cin if i == 0 else c, c))
+            if level > 0:
+                layers.append(Upsample(c))
+        self.up = nn.Sequential(*layers)
+        self.norm_out = FrameNorm(_groups(ch[0]), ch[0])
+        self.conv_out = FrameConv(ch[0], 3 * tf, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, C, T_lat, h, w) -> (B, 3*tf, T_lat, H, W)
+        x = self.temporal(self.conv_in(z))
+        x = self.up(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class CausalVAE(nn.Module):
+    """Pixels are floats in [-1, 1] shaped (B, 3, T, H, W); latents are (B, C, T_lat, h, w)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    @property
+    def decode_context(self) -> int:
+        return self.cfg.decode_context
+
+    def num_latent_frames(self, num_frames: int) -> int:
+        tf = self.cfg.temporal_factor
+        return 1 + -(-(num_frames - 1) // tf)
+
+    def _pack_time(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) with T = 1 + tf*k -> (B, 3*tf, 1+k, H, W): frame 0 alone, then groups of tf."""
+        tf = self.cfg.temporal_factor
+        b, c, t, h, w = video.shape
+        if (t - 1) % tf:
+            raise ValueError(f"frames: a video must have 1 + {tf}k frames to encode, got {t}")
+        video = torch.cat([video[:, :, :1].expand(-1, -1, tf - 1, -1, -1), video], dim=2)
+        return video.reshape(b, c, -1, tf, h, w).permute(0, 3, 1, 2, 4, 5).reshape(b, tf * c, -1, h, w)
+
+    def _unpack_time(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3*tf, T_lat, H, W) -> (B, 3, tf*T_lat, H, W)."""
+        tf = self.cfg.temporal_factor
+        b, _, t, h, w = x.shape
+        return x.reshape(b, tf, 3, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, 3, t * tf, h, w)
+
+    def check_size(self, height: int, width: int) -> None:
+        for name, value in (("height", height), ("width", width)):
+            if value % 16 or value <= 0:
+                raise ValueError(f"{name}: frame size must be a positive multiple of 16, got {value}")
+
+    def encode_dist(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance, each (B, C, T_lat, h, w)."""
+        self.check_size(video.shape[-2], video.shape[-1])
+        moments = self.encoder(self._pack_time(video))
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode_frames(self, z: torch.Tensor, *, from_start: bool) -> torch.Tensor:
+        """Decode latents to frames in [-1, 1]. From the start of a video, latent 0 yields one frame."""
+        frames = self._unpack_time(self.decoder(z))
+        if from_start:
+            frames = frames[:, :, self.cfg.temporal_factor - 1 :]
+        return frames
+
+    def forward(self, video: torch.Tensor, sample: bool = True):
+        mean, logvar = self.encode_dist(video)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+        return self.decode_frames(z, from_start=True), mean, logvar
