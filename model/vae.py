@@ -113,7 +113,7 @@ class Encoder(nn.Module):
             if level < len(ch) - 1:
                 layers.append(Downsample(c))
         self.down = nn.Sequential(*layers)
-        self.temporal = nn.Sequential(*[CausalResBlock(ch[-1], cfg.kernel_t) for _ in range(cfg.temporal_blocks)])
+        self.temporal = nn.Sequential(*[CausalResBlock(ch[-1], cfg.kernel_t) for _ in range(cfg.encoder_temporal_blocks)])
         self.norm_out = FrameNorm(_groups(ch[-1]), ch[-1])
         self.conv_out = FrameConv(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 

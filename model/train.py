@@ -1,0 +1,466 @@
+"""Training of the demo model on the procedural world: ``longshot train vae|text|dit|export``.
+
+Each part trains in its own run directory (``<run>/<part>/``) and can be stopped and resumed at any time:
+``state.pt`` holds the weights, optimiser, EMA, step and random state, written atomically every
+``--save-every`` steps. ``export`` assembles the parts into a checkpoint directory (fp16 safetensors +
+config.json) that :meth:`model.Generator.load` reads.
+
+    longshot train vae  --preset demo --run runs/demo --steps 3000
+    longshot train text --preset demo --run runs/demo --steps 1500
+    longshot train dit  --preset demo --run runs/demo --steps 4000      # needs vae and text
+    longshot train export --run runs/demo --out model/checkpoints/demo
+
+The DiT sees what the orchestrator will ask of it: windows of frames drawn from videos as long as the full 60
+seconds with log-uniform strides, some frames observed (clean) and the others noised, single images as
+one-frame windows, and several aspect ratios packed into one batch.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig, get_preset, preset_names
+from model.dit import FrameInputs
+from model.flow import flow_loss, noisy, sample_training_times
+from model.generator import Generator, VideoModel, _quiet_open_clip
+from model.world import EVAL_SEED_BASE, caption, render_frames, sample_world
+
+PARTS = ("vae", "text", "dit")
+# Frame sizes (width, height) the demo model trains on; all multiples of 16, landscape, portrait and square.
+VIDEO_SIZES = ((128, 80), (80, 128), (96, 96), (128, 64))
+IMAGE_SIZES = ((128, 80), (96, 96), (64, 112))
+
+
+# ----------------------------------------------------------------------------------------------- plumbing
+@dataclass
+class RunPaths:
+    root: Path
+    part: str
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.part
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state.pt"
+
+    @property
+    def weights(self) -> Path:
+        return self.dir / f"{self.part}.safetensors"
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / f"{self.part}.json"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "log.jsonl"
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+class Logger:
+    def __init__(self, path: Path, total: int, every: int):
+        self.path, self.total, self.every = path, total, every
+        self.start = time.time()
+        self.first_step: int | None = None
+
+    def __call__(self, step: int, **values) -> None:
+        if self.first_step is None:
+            self.first_step = step - 1
+        if step % self.every and step != self.total:
+            return
+        elapsed = time.time() - self.start
+        rate = (step - self.first_step) / max(elapsed, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        record = {"step": step, "time": round(elapsed, 1), **{k: round(float(v), 6) for k, v in values.items()}}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        shown = " ".join(f"{k}={float(v):.4g}" for k, v in values.items())
+        print(f"[{self.path.parent.name}] step {step}/{self.total} {shown} {rate:.2f} it/s eta {eta / 60:.1f} min",
+              flush=True)
+
+
+def lr_at(step: int, base: float, warmup: int, total: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float (3, T, H, W) in [-1, 1]."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+def frames_of_latent(i: int) -> list[int]:
+    """Video frames that latent frame i covers (latent 0 holds frame 0 alone)."""
+    return [0] if i == 0 else list(range(4 * i - 3, 4 * i + 1))
+
+
+class Trainer:
+    """Shared loop: resumable state, cosine learning rate, EMA, periodic saves."""
+
+    part = ""
+
+    def __init__(self, args, model: VideoModel, params, rng_seed: int):
+        self.args = args
+        self.model = model
+        self.paths = RunPaths(Path(args.run), self.part)
+        self.paths.dir.mkdir(parents=True, exist_ok=True)
+        self.params = list(params)
+        self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+        self.step = 0
+        self.rng = random.Random(rng_seed)
+        self.ema: dict[str, torch.Tensor] | None = None
+
+    def module(self) -> torch.nn.Module:
+        return getattr(self.model, self.part)
+
+    def resume(self) -> None:
+        if self.paths.state.is_file():
+            state = torch.load(self.paths.state, map_location="cpu", weights_only=False)
+            self.module().load_state_dict(state["weights"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.step = state["step"]
+            self.ema = state.get("ema")
+            self.rng.setstate(state["rng"])
+            torch.set_rng_state(state["torch_rng"])
+            print(f"[{self.part}] resumed at step {self.step} from {self.paths.state}", flush=True)
+
+    def save(self, final: bool = False) -> None:
+        atomic_torch_save({"weights": self.module().state_dict(), "optimizer": self.opt.state_dict(),
+                           "step": self.step, "ema": self.ema, "rng": self.rng.getstate(),
+                           "torch_rng": torch.get_rng_state()}, self.paths.state)
+        weights = self.ema if self.ema is not None else self.module().state_dict()
+        atomic_save_safetensors(weights, self.paths.weights)
+        meta = {"part": self.part, "preset": self.args.preset, "step": self.step, "final": final,
+                "ema": self.ema is not None, **self.metadata()}
+        self.paths.meta.write_text(json.dumps(meta, indent=2))
+
+    def metadata(self) -> dict:
+        return {}
+
+    def update_ema(self, decay: float) -> None:
+        current = self.module().state_dict()
+        if self.ema is None:
+            self.ema = {k: v.detach().clone() for k, v in current.items()}
+            return
+        for k, v in current.items():
+            if v.is_floating_point():
+                self.ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+            else:
+                self.ema[k].copy_(v)
+
+    def loss(self) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        self.resume()
+        total = self.args.steps
+        log = Logger(self.paths.log, total, self.args.log_every)
+        self.module().train()
+        while self.step < total:
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at(self.step, self.args.lr, self.args.warmup, total)
+            loss, values = self.loss()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.step += 1
+            if self.args.ema:
+                self.update_ema(min(self.args.ema, (1 + self.step) / (10 + self.step)))
+            log(self.step, loss=loss.item(), grad=grad.item(), **values)
+            if self.step % self.args.save_every == 0:
+                self.save()
+        self.finish()
+        self.save(final=True)
+        print(f"[{self.part}] done: {self.paths.weights}", flush=True)
+
+    def finish(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------- the VAE
+class VAETrainer(Trainer):
+    part = "vae"
+
+    def __init__(self, args, model: VideoModel):
+        super().__init__(args, model, model.vae.parameters(), rng_seed=args.seed)
+        self.latent_stats: dict = {}
+
+    def batch(self) -> torch.Tensor:
+        """A batch of same-sized clips: mostly 9-frame videos (3 latents), some single images."""
+        w, h = self.rng.choice(VIDEO_SIZES)
+        num_frames = 1 if self.rng.random() < 0.2 else 9
+        clips = []
+        for _ in range(self.args.batch):
+            spec = sample_world(self.rng.randrange(EVAL_SEED_BASE))
+            fps = self.rng.choice((8, 12, 24, 30))
+            start = self.rng.randrange(0, 60 * fps)
+            clips.append(to_pixels(render_frames(spec, range(start, start + num_frames), fps=fps, width=w, height=h)))
+        return torch.stack(clips)
+
+    def loss(self):
+        video = self.batch()
+        recon, mean, logvar = self.model.vae(video)
+        l1 = (recon - video).abs().mean()
+        mse = (recon - video).pow(2).mean()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        psnr = 10 * torch.log10(4.0 / mse.detach().clamp(min=1e-10))  # pixels span [-1, 1]
+        return l1 + mse + self.args.kl * kl, {"psnr": psnr.item(), "kl": kl.item()}
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Latent normalisation: the DiT works on latents of zero mean and unit variance."""
+        self.model.vae.eval()
+        saved = self.module().state_dict()
+        if self.ema is not None:
+            self.module().load_state_dict(self.ema)
+        means = []
+        for _ in range(16):
+            means.append(self.model.vae.encode_dist(self.batch())[0])
+        z = torch.cat([m.flatten() for m in means])
+        self.latent_stats = {"latent_shift": z.mean().item(), "latent_scale": 1.0 / z.std().item()}
+        self.module().load_state_dict(saved)
+
+    def metadata(self) -> dict:
+        return self.latent_stats
+
+
+# ------------------------------------------------------------------------------------------ text encoder
+class TextTrainer(Trainer):
+    part = "text"
+
+    def __init__(self, args, model: VideoModel):
+        super().__init__(args, model, model.text.parameters(), rng_seed=args.seed + 1)
+        from open_clip.loss import ClipLoss
+
+        self.clip_loss = ClipLoss()
+        size = model.text.clip.visual.image_size
+        self.image_size = size[0] if isinstance(size, (tuple, list)) else size
+
+    def loss(self):
+        prompts, images = [], []
+        for _ in range(self.args.batch):
+            spec = sample_world(self.rng.randrange(EVAL_SEED_BASE))
+            fps = 24
+            frame = self.rng.randrange(0, 60 * fps)
+            images.append(to_pixels(render_frames(spec, [frame], fps=fps, width=self.image_size,
+                                                  height=self.image_size))[:, 0])
+            prompts.append(caption(spec))
+        tokens = self.model.text.tokenize(prompts)
+        img, txt, scale = self.model.text.contrastive_logits(tokens, torch.stack(images))
+        loss = self.clip_loss(img, txt, scale)
+        with torch.no_grad():
+            acc = ((img @ txt.T).argmax(1) == torch.arange(len(img))).float().mean()
+        return loss, {"acc": acc.item()}
+
+
+# ----------------------------------------------------------------------------------------------- the DiT
+def sample_window(rng: random.Random, num_latents: int, max_window: int) -> tuple[list[int], list[int]]:
+    """An FDM-style training window: frames of one video at a log-uniform stride, some of them observed.
+
+    Mirrors what the planner asks for: keyframe windows spread over the whole video with nothing observed,
+    infill windows between observed neighbours with a few far-away context frames, and short strides.
+    """
+    n = rng.randint(2, max_window)
+    max_stride = max(1.0, (num_latents - 1) / (n - 1))
+    stride = math.exp(rng.uniform(0.0, math.log(max_stride)))
+    span = stride * (n - 1)
+    start = rng.uniform(0, max(0.0, num_latents - 1 - span))
+    frames = sorted({min(num_latents - 1, int(round(start + stride * k))) for k in range(n)})
+    kind = rng.random()
+    if kind < 0.25 or len(frames) < 3:
+        observed: list[int] = []
+    else:
+        observed = [frames[0], frames[-1]] if kind < 0.7 else [frames[0]]
+        # Long-range context: a few frames from anywhere in the video, as the planner adds keyframes.
+        extra = rng.randint(0, 3)
+        pool = [f for f in range(num_latents) if f not in frames]
+        for f in rng.sample(pool, min(extra, len(pool))):
+            if len(frames) + 1 <= max_window:
+                frames.append(f)
+                observed.append(f)
+    latent = [f for f in frames if f not in observed]
+    if not latent:
+        latent, observed = observed[-1:], observed[:-1]
+    return sorted(observed), sorted(latent)
+
+
+class DiTTrainer(Trainer):
+    part = "dit"
+
+    def __init__(self, args, model: VideoModel):
+        super().__init__(args, model, model.dit.parameters(), rng_seed=args.seed + 2)
+        self.model.vae.eval().requires_grad_(False)
+        self.model.text.eval().requires_grad_(False)
+        self.text_cache: dict[str, tuple] = {}
+        self.shift = model.cfg.flow.shift
+
+    @torch.no_grad()
+    def encode_latents(self, spec, times: list[int], fps: int, w: int, h: int) -> torch.Tensor:
+        """Latent frames at absolute indices ``times``: each encoded from just its own frames."""
+        groups = []
+        for i in times:
+            frames = render_frames(spec, frames_of_latent(i), fps=fps, width=w, height=h)
+            if i == 0:
+                frames = np.repeat(frames, 4, axis=0)  # frame 0 alone, as the encoder pads it
+            groups.append(to_pixels(frames))
+        video = torch.stack(groups)  # (n, 3, 4, H, W): each a 4-frame group encoded on its own
+        n = video.shape[0]
+        tf = 4
+        packed = video.reshape(n, 3, 1, tf, h, w).permute(0, 3, 1, 2, 4, 5).reshape(n, 3 * tf, 1, h, w)
+        moments = self.model.vae.encoder(packed)
+        mean = moments.chunk(2, dim=1)[0][:, :, 0]  # (n, C, h/8, w/8)
+        cfg = self.model.cfg
+        return (mean - cfg.latent_shift) * cfg.latent_scale
+
+    @torch.no_grad()
+    def text(self, prompts: list[str]):
+        missing = [p for p in prompts if p not in self.text_cache]
+        if missing:
+            emb = self.model.text.encode(missing)
+            for i, p in enumerate(missing):
+                self.text_cache[p] = (emb.tokens[i], emb.mask[i], emb.pooled[i])
+        rows = [self.text_cache[p] for p in prompts]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows])
+
+    def loss(self):
+        windows, targets, prompts = [], [], []
+        K = self.model.cfg.dit.max_window
+        video_size = self.rng.choice(VIDEO_SIZES)
+        for b in range(self.args.batch):
+            spec = sample_world(self.rng.randrange(EVAL_SEED_BASE))
+            image = b == 0 and self.rng.random() < 0.5  # single images as one-frame videos
+            if image:
+                w, h = self.rng.choice(IMAGE_SIZES)
+                observed, latent, fps = [], [0], 24
+            else:
+                w, h = video_size
+                fps = self.rng.choice((12, 24, 24, 30))
+                seconds = self.rng.choice((60, 60, 30, 10))
+                num_latents = 1 + (seconds * fps - 1 + 3) // 4
+                observed, latent = sample_window(self.rng, num_latents, K)
+            times = sorted(observed + latent)
+            x0 = self.encode_latents(spec, times, fps, w, h)
+            is_obs = torch.tensor([t in observed for t in times])
+            t = sample_training_times(1, self.shift).expand(len(times)).clone()
+            t[is_obs] = 0.0
+            noise = torch.randn_like(x0)
+            xt = torch.where(is_obs[:, None, None, None], x0, noisy(x0, noise, t))
+            windows.append(FrameInputs(xt, is_obs, torch.tensor(times), t))
+            targets.append((x0, noise, ~is_obs))
+            text = caption(spec)
+            prompts.append("" if self.rng.random() < self.model.cfg.flow.text_dropout else text)
+        tokens, mask, pooled = self.text(prompts)
+        outs = self.model.dit(windows, tokens, mask, pooled)
+        losses = [flow_loss(o, x0, n, lat) for o, (x0, n, lat) in zip(outs, targets)]
+        return torch.stack(losses).mean(), {}
+
+
+# ------------------------------------------------------------------------------------------------ export
+def load_part(model: VideoModel, run: Path, part: str) -> dict:
+    paths = RunPaths(run, part)
+    if not paths.weights.is_file():
+        raise FileNotFoundError(f"{part}: no trained weights at {paths.weights}; run `longshot train {part} "
+                                f"--run {run}` first")
+    getattr(model, part).load_state_dict(load_file(str(paths.weights)))
+    return json.loads(paths.meta.read_text()) if paths.meta.is_file() else {}
+
+
+def build_model(preset: str, run: Path, parts: tuple[str, ...]) -> tuple[VideoModel, dict]:
+    cfg = get_preset(preset)
+    vae_meta: dict = {}
+    if "vae" in parts and RunPaths(run, "vae").meta.is_file():
+        vae_meta = json.loads(RunPaths(run, "vae").meta.read_text())
+        if "latent_scale" in vae_meta:
+            cfg = cfg.replace(latent_shift=vae_meta["latent_shift"], latent_scale=vae_meta["latent_scale"])
+    torch.manual_seed(0)
+    with _quiet_open_clip():
+        model = VideoModel(cfg)
+    metas = {}
+    for part in parts:
+        metas[part] = load_part(model, run, part)
+    return model, metas
+
+
+def export(run: Path, out: Path, preset: str) -> Path:
+    model, metas = build_model(preset, run, PARTS)
+    gen = Generator(model, device="cpu")
+    extra = {"training": {part: {k: v for k, v in meta.items() if k != "part"} for part, meta in metas.items()}}
+    gen.save(out, dtype=torch.float16, extra=extra)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"exported {out} ({size / 1e6:.1f} MB) {gen.identity['checkpoint_hash']}")
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="longshot train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=PARTS + ("export",))
+    parser.add_argument("--preset", default="demo", choices=preset_names())
+    parser.add_argument("--run", default="runs/demo", help="run directory holding every part's state")
+    parser.add_argument("--out", default=None, help="export: checkpoint directory to write")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--ema", type=float, default=None, help="EMA decay (0 disables)")
+    parser.add_argument("--kl", type=float, default=1e-6, help="VAE KL weight")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--log-every", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    if args.part == "export":
+        export(run, Path(args.out or "model/checkpoints/demo"), args.preset)
+        return 0
+    defaults = {"vae": (3000, 4, 1e-3, 0.0), "text": (1500, 64, 1e-3, 0.0), "dit": (4000, 8, 3e-4, 0.995)}
+    steps, batch, lr, ema = defaults[args.part]
+    args.steps = args.steps or steps
+    args.batch = args.batch or batch
+    args.lr = args.lr or lr
+    args.ema = ema if args.ema is None else args.ema
+    torch.manual_seed(args.seed)
+    if args.part == "dit":
+        model, _ = build_model(args.preset, run, ("vae", "text"))
+        trainer: Trainer = DiTTrainer(args, model)
+    else:
+        with _quiet_open_clip():
+            model = VideoModel(get_preset(args.preset))
+        trainer = VAETrainer(args, model) if args.part == "vae" else TextTrainer(args, model)
+    trainer.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
