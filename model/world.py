@@ -23,7 +23,7 @@ import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -228,29 +228,48 @@ def sample_world(
 
     free = [c for c in COLOURS if c != bg]
     colours = [free[i] for i in rng.permutation(len(free))[:n]]
-    objects = []
-    for colour in colours:
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        size = float(rng.uniform(*_SIZE_RANGE))
-        kind = MOTIONS[rng.choice(len(MOTIONS), p=[0.35, 0.25, 0.25, 0.15])] if motion is None else motion
-        obj: dict[str, Any] = {"shape": shape, "colour": colour, "size": round(size, 4), "motion": kind}
-        if kind == "bounce":
+    drawn = [{"shape": SHAPES[rng.integers(len(SHAPES))], "colour": colour,
+              "size": round(float(rng.uniform(*_SIZE_RANGE)), 4),
+              "motion": MOTIONS[rng.choice(len(MOTIONS), p=[0.35, 0.25, 0.25, 0.15])] if motion is None else motion}
+             for colour in colours]
+    # Orbiting objects ride one carousel (shared centre, radius and angular speed, evenly spaced phases) and
+    # resting objects keep apart, so that neither hides another for long: a persistent overlap would teach the
+    # model, and tell the evaluation, that an object vanished.
+    orbiters = [o for o in drawn if o["motion"] == "orbit"]
+    if orbiters:
+        largest = max(o["size"] for o in orbiters)
+        radius = rng.uniform(*_ORBIT_RADIUS)
+        if len(orbiters) > 1:
+            pairs = max(a["size"] + b["size"] for a in orbiters for b in orbiters if a is not b)
+            # Neighbours on the carousel are a chord 2 R sin(pi / k) apart; sqrt(2) covers square corners.
+            radius = max(radius, (math.sqrt(2) * pairs + 0.02) / (2 * math.sin(math.pi / len(orbiters))))
+        radius = min(radius, 0.47 - largest)
+        centre = (0.5, 0.5) if len(orbiters) > 1 else (rng.uniform(0.45, 0.55), rng.uniform(0.45, 0.55))
+        spin = (1.0 if rng.random() < 0.5 else -1.0) * rng.uniform(*_ORBIT_SPEED)
+        start = rng.uniform(0, 2 * math.pi)
+        for k, o in enumerate(orbiters):
+            o.update(x=centre[0], y=centre[1], orbit_radius=radius, angular_speed=spin,
+                     phase=start + 2 * math.pi * k / len(orbiters))
+    resting: list[dict] = []
+    for o in drawn:
+        if o["motion"] == "bounce":
             speed, angle = rng.uniform(*_BOUNCE_SPEED), rng.uniform(0, 2 * math.pi)
-            obj.update(x=rng.uniform(0.25, 0.75), y=rng.uniform(0.25, 0.75),
-                       vx=speed * math.cos(angle), vy=speed * math.sin(angle))
-        elif kind == "wrap":
+            o.update(x=rng.uniform(0.25, 0.75), y=rng.uniform(0.25, 0.75),
+                     vx=speed * math.cos(angle), vy=speed * math.sin(angle))
+        elif o["motion"] == "wrap":
             speed = rng.uniform(*_WRAP_SPEED)
             dx, dy = DIRECTIONS[list(DIRECTIONS)[rng.integers(4)]]
-            obj.update(x=rng.uniform(0.25, 0.75), y=rng.uniform(0.25, 0.75), vx=dx * speed, vy=dy * speed)
-        elif kind == "orbit":
-            sign = 1.0 if rng.random() < 0.5 else -1.0
-            obj.update(x=rng.uniform(0.45, 0.55), y=rng.uniform(0.45, 0.55),
-                       orbit_radius=rng.uniform(*_ORBIT_RADIUS), angular_speed=sign * rng.uniform(*_ORBIT_SPEED),
-                       phase=rng.uniform(0, 2 * math.pi))
-        else:
-            obj.update(x=rng.uniform(0.2, 0.8), y=rng.uniform(0.2, 0.8))
-        objects.append(ObjectSpec(**{k: (round(float(v), 4) if isinstance(v, float) else v) for k, v in obj.items()}))
-    return WorldSpec(background=bg, objects=tuple(objects), pattern=pat,
+            o.update(x=rng.uniform(0.25, 0.75), y=rng.uniform(0.25, 0.75), vx=dx * speed, vy=dy * speed)
+        elif o["motion"] == "rest":
+            for _ in range(64):  # distances in short-side units are smallest in a square frame: check there
+                x, y = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8)
+                if all(max(abs(x - r["x"]), abs(y - r["y"])) > o["size"] + r["size"] + 0.02 for r in resting):
+                    break
+            o.update(x=x, y=y)
+            resting.append(o)
+    objects = tuple(ObjectSpec(**{k: (round(float(v), 4) if isinstance(v, float) else v) for k, v in o.items()})
+                    for o in drawn)
+    return WorldSpec(background=bg, objects=objects, pattern=pat,
                      pan=(round(pan_v[0], 4), round(pan_v[1], 4)), seed=int(seed))
 
 

@@ -1,0 +1,250 @@
+"""Quality metrics on videos whose truth is known: clips rendered by the procedural world itself."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from model import world
+from orchestrator import evaluate as ev
+
+EVAL_SEEDS = [world.EVAL_SEED_BASE + k for k in range(6)]
+
+
+def _clip(seed: int, seconds: float, fps: int = 8, width: int = 96, height: int = 64, **overrides):
+    spec = world.sample_world(seed, **overrides)
+    frames = range(int(seconds * fps))
+    return (spec, world.render_frames(spec, frames, fps=fps, width=width, height=height),
+            world.ground_truth(spec, frames, fps=fps, width=width, height=height))
+
+
+# ------------------------------------------------------------------------------------------------- detector
+
+
+@pytest.mark.parametrize("size", [(256, 144), (64, 64)])
+def test_detector_finds_every_visible_object(size):
+    width, height = size
+    detector = ev.Detector()
+    checked = 0
+    for seed in range(12):
+        spec = world.sample_world(seed)
+        indices = list(range(0, 24 * 40, 97))
+        frames = world.render_frames(spec, indices, fps=24, width=width, height=height)
+        truth = world.ground_truth(spec, indices, fps=24, width=width, height=height)
+        for frame, record in zip(frames, truth):
+            found = detector.detect(frame)
+            assert found.background == spec.background
+            colours = {o["colour"] for o in record["objects"]}
+            assert {d.colour for d in found.objects} <= colours  # no phantom objects from anti-aliased rims
+            for obj in record["objects"]:
+                if obj["visibility"] == "full" and not obj["occluded"]:
+                    checked += 1
+                    match = [d for d in found.objects if d.colour == obj["colour"]]
+                    assert [d.shape for d in match] == [obj["shape"]], (seed, record["frame"], match)
+                    assert math.dist(match[0].centre, obj["centre"]) < 1.5
+    assert checked > 150
+
+
+def test_classify_shape_from_masks():
+    yy, xx = np.mgrid[0:21, 0:21] - 10.0
+    assert ev.classify_shape(np.hypot(xx, yy) <= 10.5) == "circle"
+    assert ev.classify_shape(np.ones((15, 14), bool)) == "square"
+    assert ev.classify_shape(np.abs(xx) + np.abs(yy) <= 10.5) == "diamond"
+    assert ev.classify_shape(2 * np.abs(xx) <= yy + 10.5) == "triangle"  # apex up, base at the bottom
+    assert ev.classify_shape(np.ones((4, 20), bool)) == "unknown"  # no world shape is a long bar
+    assert ev.classify_shape(np.ones((4, 20), bool), partial=True) == "square"  # ... unless cut by the border
+
+
+def test_detector_survives_blur_and_noise():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    spec, frames, truth = _clip(EVAL_SEEDS[0], 3, fps=4, width=128, height=128, num_objects=3, motion="bounce")
+    soft = ndimage.gaussian_filter(frames.astype(np.float32), (0, 0.7, 0.7, 0))
+    soft = np.clip(soft + rng.normal(0, 3, soft.shape), 0, 255).astype(np.uint8)
+    hits = total = 0
+    for frame, record in zip(soft, truth):
+        found = ev.detect_objects(frame)
+        for obj in record["objects"]:
+            if obj["visibility"] == "full" and not obj["occluded"]:
+                total += 1
+                hits += any(d.colour == obj["colour"] and d.shape == obj["shape"] for d in found)
+    assert total and hits / total > 0.9
+
+
+# -------------------------------------------------------------------------------------- adherence, persistence
+
+
+def test_world_clips_adhere_and_persist():
+    for seed in EVAL_SEEDS:
+        spec, frames, truth = _clip(seed, 60, fps=4)
+        prompt = world.caption(spec)
+        with_truth = ev.evaluate_video(frames, prompt, 4, ground_truth=truth)
+        assert with_truth["adherence"] == 1.0, prompt
+        assert set(with_truth["persistence"]) == {"20", "40", "60"}
+        assert all(v in (1.0, None) for v in with_truth["persistence"].values()), with_truth["objects"]
+        assert with_truth["persistence_final"] == 1.0
+        assert with_truth["background"] == {"expected": spec.background, "detected": spec.background,
+                                            "correct": True}
+        # Without ground truth (the rule used for generated videos) the world scores full marks too.
+        blind = ev.evaluate_video(frames, prompt, 4)
+        assert blind["adherence"] == 1.0, (prompt, blind["objects"])
+
+
+def test_an_object_that_left_and_came_back_counts_as_present():
+    spec, frames, truth = _clip(EVAL_SEEDS[1], 30, fps=6, num_objects=1, motion="wrap")
+    visibility = [r["objects"][0]["visibility"] for r in truth]
+    assert "none" in visibility  # it really leaves the frame, more than once in 30 s
+    result = ev.evaluate_video(frames, world.caption(spec), 6, ground_truth=truth)
+    assert result["adherence"] == 1.0 and result["persistence_final"] == 1.0
+    assert ev.evaluate_video(frames, world.caption(spec), 6)["persistence"] == {"10": 1.0, "20": 1.0, "30": 1.0}
+
+
+def test_vanished_and_wrong_objects_are_caught():
+    spec, frames, truth = _clip(EVAL_SEEDS[2], 12, fps=6, num_objects=2, motion="bounce", pattern="none")
+    prompt = world.caption(spec)
+    # The second object disappears half way through the video.
+    gone = dataclasses.replace(spec, objects=spec.objects[:1])
+    tail = world.render_frames(gone, range(len(frames) // 2, len(frames)), fps=6, width=96, height=64)
+    spliced = np.concatenate([frames[:len(frames) // 2], tail])
+    result = ev.evaluate_video(spliced, prompt, 6)
+    assert result["adherence"] == 1.0
+    assert result["persistence"]["4"] == 1.0 and result["persistence_final"] == 0.5
+    assert [o["present_at"]["12"] for o in result["objects"]] == [True, False]
+    # A prompt whose objects are not in the video.
+    other = next(s for s in range(100) if not {(o.colour, o.shape) for o in world.sample_world(s).objects}
+                 & {(o.colour, o.shape) for o in spec.objects})
+    result = ev.evaluate_video(frames, world.caption(world.sample_world(other)), 6)
+    assert result["adherence"] == 0.0 and result["persistence_final"] is None
+    # Right colour, wrong shape is not the prompted object.
+    swapped = dataclasses.replace(spec.objects[0], shape="circle" if spec.objects[0].shape != "circle" else "square")
+    prompt = world.caption(dataclasses.replace(spec, objects=(swapped, spec.objects[1])))
+    assert ev.evaluate_video(frames, prompt, 6)["adherence"] == 0.5
+
+
+def test_prompts_outside_the_vocabulary_and_bad_input():
+    _, frames, truth = _clip(EVAL_SEEDS[0], 2)
+    result = ev.evaluate_video(frames, "a sunset over the sea", 8)
+    assert result["adherence"] is None and result["objects"] == []
+    assert result["background"]["correct"] is None
+    with pytest.raises(ValueError, match="expected uint8"):
+        ev.evaluate_video(frames.astype(np.float32), "x", 8)
+    with pytest.raises(ValueError, match="fps"):
+        ev.evaluate_video(frames, "x", 0)
+    with pytest.raises(ValueError, match="ground_truth"):
+        ev.evaluate_video(frames, "x", 8, ground_truth=truth[:-1])
+
+
+# --------------------------------------------------------------------------------------------- seams, drift
+
+
+def test_seam_ratio_is_one_for_a_smooth_clip_and_large_for_a_splice():
+    spec, frames, _ = _clip(EVAL_SEEDS[3], 12, fps=12, num_objects=3, motion="bounce", pattern="none")
+    boundaries = list(range(9, len(frames), 9))
+    assert 0.8 < ev.seam_ratio(frames, boundaries) < 1.25
+    # Splice: the same world, but the second half jumps 50 seconds ahead.
+    cut = len(frames) // 2
+    later = world.render_frames(spec, range(cut + 600, len(frames) + 600), fps=12, width=96, height=64)
+    spliced = np.concatenate([frames[:cut], later])
+    assert ev.seam_ratio(spliced, [cut]) > 3.0
+    result = ev.evaluate_video(spliced, world.caption(spec), 12, {"task": [cut], "segment": boundaries})
+    assert result["seam_ratio_task"] > 3.0 and 0.8 < result["seam_ratio_segment"] < 1.5
+    assert result["seam_ratio"] == pytest.approx(
+        ev.seam_ratio(spliced, sorted({cut, *boundaries})), rel=1e-3)
+    assert ev.seam_ratio(frames, []) is None and ev.seam_ratio(frames, [0, 10_000]) is None
+    still = np.repeat(frames[:1], 10, axis=0)
+    assert ev.seam_ratio(still, [5]) == 1.0
+
+
+def test_colour_drift_is_zero_for_the_world_and_large_when_the_background_changes():
+    spec, frames, _ = _clip(EVAL_SEEDS[5], 6, fps=8, pattern="stripes", pan=True)
+    drift = ev.colour_drift(frames, 8)
+    assert drift["delta_e"] < 1.0 and drift["first_name"] == drift["last_name"] == spec.background
+    new_background = next(c for c in world.COLOURS
+                          if c != spec.background and c not in {o.colour for o in spec.objects})
+    changed = world.render_frames(dataclasses.replace(spec, background=new_background), range(8 * 3, 8 * 6),
+                                  fps=8, width=96, height=64)
+    drifted = np.concatenate([frames[:8 * 3], changed])
+    drift = ev.colour_drift(drifted, 8)
+    assert drift["delta_e"] > 20 and drift["last_name"] == new_background
+    # A slight tint is measured, not rounded away.
+    tinted = np.concatenate([frames[:24], np.clip(frames[24:].astype(int) + [6, 0, 0], 0, 255).astype(np.uint8)])
+    assert 0.5 < ev.colour_drift(tinted, 8)["delta_e"] < 10
+    assert ev.delta_e((255, 255, 255), (0, 0, 0)) == pytest.approx(100.0, abs=0.01)
+
+
+def test_psnr():
+    rng = np.random.default_rng(1)
+    clean = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    assert ev.psnr(clean, clean) == math.inf
+    noisy = [np.clip(clean + rng.normal(0, s, clean.shape), 0, 255) for s in (2, 8, 32)]
+    values = [ev.psnr(clean, n) for n in noisy]
+    assert values[0] > values[1] > values[2] > 10 and 40 < values[0] < 45
+    assert ev.psnr(np.zeros(10), np.full(10, 255.0)) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        ev.psnr(clean, clean[:2])
+
+
+# ------------------------------------------------------------------------------------------ plans, targets
+
+
+def test_plan_boundaries_follow_tasks_and_segments():
+    from orchestrator.plan import make_plan
+
+    num_frames = 8 * 20
+    num_latent = 1 + math.ceil((num_frames - 1) / 4)
+    plan = make_plan("autoregressive", num_latent, 8, num_frames=num_frames, decode_context=2, segment_latents=3)
+    bounds = ev.plan_boundaries(plan, num_frames)
+    assert bounds["segment"] == [s.frame_start for s in plan.segments if s.frame_start > 0]
+    owner = {i: t.task_id for t in plan.tasks for i in t.latent}
+    expected = [4 * i - 3 for i in range(1, num_latent) if owner[i] != owner[i - 1]]
+    assert bounds["task"] == expected and expected
+    assert ev.plan_boundaries(plan.to_dict(), num_frames) == bounds
+
+
+def test_targets_are_checked_per_schedule():
+    good = {"adherence": 0.95, "persistence_final": 0.9, "seam_ratio": 1.1, "drift_delta_e": 1.0}
+    summary = {"hierarchy-2": good, "autoregressive": good | {"persistence_final": 0.95, "seam_ratio": 1.5}}
+    checks = ev.check_targets(summary, {"psnr": 31.0})
+    verdict = {(c["target"], c["schedule"]): c["passed"] for c in checks}
+    assert verdict[("vae_psnr", None)] is True
+    assert verdict[("seam_ratio", "autoregressive")] is False and verdict[("seam_ratio", "hierarchy-2")] is True
+    assert verdict[("persistence_vs_autoregressive", "hierarchy-2")] is False
+    assert ("persistence_vs_autoregressive", "autoregressive") not in verdict
+    assert {c["passed"] for c in ev.check_targets({"parallel": good | {"adherence": None}}, None)
+            if c["target"] == "adherence"} == {None}
+
+
+def test_eval_prompts_are_fixed_held_out_captions():
+    prompts = ev.eval_prompts(3)
+    assert prompts == ev.eval_prompts(3)
+    assert all(seed >= world.EVAL_SEED_BASE for seed, _ in prompts)
+    assert all(world.parse_caption(text)["objects"] for _, text in prompts)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.timeout(600)
+def test_longshot_eval_end_to_end(tmp_path, capsys):
+    """`longshot eval --json` at CI size: a real local Dask cluster renders with the tiny preset."""
+    code = ev.main(["--json", "--seconds", "2", "--prompts", "1", "--schedules", "parallel",
+                 "--model", "tiny", "--width", "64", "--height", "64", "--fps", "8", "--steps", "1",
+                 "--workers", "1", "--engine", "eager", "--vae-clips", "1", "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["schedules"]) == ["parallel"]
+    result = report["schedules"]["parallel"]["per_prompt"][0]
+    assert result["num_frames"] == 16 and result["prompt"] == ev.eval_prompts(1)[0][1]
+    assert (tmp_path / f"parallel-{ev.eval_prompts(1)[0][0]}.mp4").stat().st_size > 0
+    assert result["boundaries"]["segment"], "a 2-second render has more than one decode segment"
+    assert 0.0 <= result["adherence"] <= 1.0
+    assert result["drift"]["delta_e"] >= 0.0
+    # The world's own rendering of the prompt is the reference: full marks for what it shows.
+    assert report["world"]["summary"]["adherence"] == 1.0
+    assert report["vae"]["clips"] == 1 and report["vae"]["psnr"] > 0
+    targets = {(c["target"], c["schedule"]) for c in report["checks"]}
+    assert {("vae_psnr", None), ("adherence", "parallel"), ("seam_ratio", "parallel")} <= targets
