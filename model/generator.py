@@ -150,7 +150,7 @@ class Generator:
         try:
             meta = json.loads(config_path.read_text())
             cfg = ModelConfig.from_dict(meta["model"])
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError) as err:  # ValueError covers bad JSON and unknown config keys
             raise CheckpointError(path, f"{CONFIG_FILE} is not a valid model config ({err})") from err
         try:
             state = load_file(str(weights_path))
@@ -374,7 +374,10 @@ class Generator:
                              f"{tuple(latents.shape[2:])}")
         z = latents if context is None or not len(context) else torch.cat([context, latents])
         z = z.to(self.device, torch.float32) / self.config.latent_scale + self.config.latent_shift
-        frames = self.model.vae.decode_frames(z.transpose(0, 1)[None], from_start=context is None or not len(context))
+        # TF32 convolutions would make a chunked decode differ from a one-shot decode by more than rounding.
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+            frames = self.model.vae.decode_frames(z.transpose(0, 1)[None],
+                                                  from_start=context is None or not len(context))
         frames = frames[0].permute(1, 2, 3, 0)  # (T, H, W, 3)
         if context is not None and len(context):
             frames = frames[-self.config.vae.temporal_factor * len(latents):]

@@ -141,21 +141,25 @@ class Trainer:
     def module(self) -> torch.nn.Module:
         return getattr(self.model, self.part)
 
+    @property
+    def state_path(self) -> Path:
+        return self.paths.state
+
     def resume(self) -> None:
-        if self.paths.state.is_file():
-            state = torch.load(self.paths.state, map_location="cpu", weights_only=False)
+        if self.state_path.is_file():
+            state = torch.load(self.state_path, map_location="cpu", weights_only=False)
             self.module().load_state_dict(state["weights"])
             self.opt.load_state_dict(state["optimizer"])
             self.step = state["step"]
             self.ema = state.get("ema")
             self.rng.setstate(state["rng"])
             torch.set_rng_state(state["torch_rng"])
-            print(f"[{self.part}] resumed at step {self.step} from {self.paths.state}", flush=True)
+            print(f"[{self.part}] resumed at step {self.step} from {self.state_path}", flush=True)
 
     def save(self, final: bool = False) -> None:
         atomic_torch_save({"weights": self.module().state_dict(), "optimizer": self.opt.state_dict(),
                            "step": self.step, "ema": self.ema, "rng": self.rng.getstate(),
-                           "torch_rng": torch.get_rng_state()}, self.paths.state)
+                           "torch_rng": torch.get_rng_state()}, self.state_path)
         weights = self.ema if self.ema is not None else self.module().state_dict()
         atomic_save_safetensors(weights, self.paths.weights)
         meta = {"part": self.part, "preset": self.args.preset, "step": self.step, "final": final,
@@ -208,11 +212,30 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------------- the VAE
 class VAETrainer(Trainer):
+    """Encoder and decoder together; or, with ``--decoder-only``, the decoder alone on a frozen encoder.
+
+    Decoder-only training keeps the latent space fixed, so it can run while the DiT trains on that space.
+    """
+
     part = "vae"
 
     def __init__(self, args, model: VideoModel):
-        super().__init__(args, model, model.vae.parameters(), rng_seed=args.seed)
+        self.decoder_only = bool(getattr(args, "decoder_only", False))
+        params = model.vae.decoder.parameters() if self.decoder_only else model.vae.parameters()
+        super().__init__(args, model, params, rng_seed=args.seed + (7 if self.decoder_only else 0))
         self.latent_stats: dict = {}
+        if self.decoder_only:
+            if not self.paths.weights.is_file():
+                raise FileNotFoundError(f"vae: --decoder-only needs trained weights at {self.paths.weights}")
+            model.vae.load_state_dict(load_file(str(self.paths.weights)))
+            meta = json.loads(self.paths.meta.read_text())
+            self.latent_stats = {k: meta[k] for k in ("latent_shift", "latent_scale")}
+            self.encoder_steps = meta.get("step")
+            model.vae.encoder.requires_grad_(False)
+
+    @property
+    def state_path(self) -> Path:
+        return self.paths.dir / ("state-decoder.pt" if self.decoder_only else "state.pt")
 
     def batch(self) -> torch.Tensor:
         """A batch of same-sized clips: mostly 9-frame videos (3 latents), some single images."""
@@ -228,6 +251,8 @@ class VAETrainer(Trainer):
 
     def loss(self):
         video = self.batch()
+        if self.decoder_only:
+            self.model.vae.encoder.eval()
         recon, mean, logvar = self.model.vae(video)
         l1 = (recon - video).abs().mean()
         mse = (recon - video).pow(2).mean()
@@ -238,6 +263,8 @@ class VAETrainer(Trainer):
     @torch.no_grad()
     def finish(self) -> None:
         """Latent normalisation: the DiT works on latents of zero mean and unit variance."""
+        if self.decoder_only:
+            return  # the encoder, hence the latent space and its statistics, did not change
         self.model.vae.eval()
         saved = self.module().state_dict()
         if self.ema is not None:
@@ -250,7 +277,8 @@ class VAETrainer(Trainer):
         self.module().load_state_dict(saved)
 
     def metadata(self) -> dict:
-        return self.latent_stats
+        extra = {"decoder_steps": self.step, "encoder_steps": self.encoder_steps} if self.decoder_only else {}
+        return {**self.latent_stats, **extra}
 
 
 # ------------------------------------------------------------------------------------------ text encoder
@@ -433,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--ema", type=float, default=None, help="EMA decay (0 disables)")
     parser.add_argument("--kl", type=float, default=1e-6, help="VAE KL weight")
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="vae: train the decoder alone on the frozen encoder (the latent space stays fixed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--save-every", type=int, default=100)

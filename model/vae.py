@@ -16,15 +16,33 @@ import torch.nn.functional as F
 from model.config import VAEConfig
 
 
-def _groups(channels: int) -> int:
-    for g in (32, 16, 8, 4, 2, 1):
-        if channels % g == 0 and channels // g >= 2:
-            return g
-    return 1
+
+
+class PixelNorm(nn.Module):
+    """Layer norm over channels at every pixel of every frame (causal, and keeps flat colour)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
+        mean = x.mean(dim=1, keepdim=True)
+        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return x * self.weight[:, None, None, None] + self.bias[:, None, None, None]
 
 
 class FrameNorm(nn.GroupNorm):
-    """GroupNorm over each frame alone: statistics across time would break causality."""
+    """GroupNorm over each frame alone (statistics across time would break causality).
+
+    Used only inside residual branches: it normalises a uniform colour to zero, so colour must travel along
+    the skip paths, and the layers that feed the latents and the pixels use :class:`PixelNorm` instead.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(max(1, channels // 8), channels, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
         b, c, t, h, w = x.shape
@@ -57,8 +75,8 @@ class CausalConv3d(nn.Conv3d):
 class FrameResBlock(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.norm1, self.conv1 = FrameNorm(_groups(cin), cin), FrameConv(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = FrameNorm(_groups(cout), cout), FrameConv(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = FrameNorm(cin), FrameConv(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = FrameNorm(cout), FrameConv(cout, cout, 3, padding=1)
         self.skip = FrameConv(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,8 +90,8 @@ class CausalResBlock(nn.Module):
 
     def __init__(self, channels: int, kernel_t: int):
         super().__init__()
-        self.norm1, self.conv1 = FrameNorm(_groups(channels), channels), CausalConv3d(channels, channels, kernel_t)
-        self.norm2, self.conv2 = FrameNorm(_groups(channels), channels), CausalConv3d(channels, channels, kernel_t)
+        self.norm1, self.conv1 = FrameNorm(channels), CausalConv3d(channels, channels, kernel_t)
+        self.norm2, self.conv2 = FrameNorm(channels), CausalConv3d(channels, channels, kernel_t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -114,8 +132,11 @@ class Encoder(nn.Module):
                 layers.append(Downsample(c))
         self.down = nn.Sequential(*layers)
         self.temporal = nn.Sequential(*[CausalResBlock(ch[-1], cfg.kernel_t) for _ in range(cfg.encoder_temporal_blocks)])
-        self.norm_out = FrameNorm(_groups(ch[-1]), ch[-1])
+        self.norm_out = PixelNorm(ch[-1])
         self.conv_out = FrameConv(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        # Start with a small posterior variance: with the tiny KL weight the noise would otherwise drown the
+        # latents early in training and the encoder would spend thousands of steps outgrowing it.
+        nn.init.constant_(self.conv_out.bias[cfg.latent_channels:], -6.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3*tf, T_lat, H, W) -> (B, 2C, T_lat, h, w)
         x = self.down(self.conv_in(x))
@@ -138,7 +159,7 @@ class Decoder(nn.Module):
             if level > 0:
                 layers.append(Upsample(c))
         self.up = nn.Sequential(*layers)
-        self.norm_out = FrameNorm(_groups(ch[0]), ch[0])
+        self.norm_out = PixelNorm(ch[0])
         self.conv_out = FrameConv(ch[0], 3 * tf, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, C, T_lat, h, w) -> (B, 3*tf, T_lat, H, W)

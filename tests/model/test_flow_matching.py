@@ -1,0 +1,115 @@
+"""Rectified flow: loss over frame subsets, per-frame noise levels, Euler and Heun samplers."""
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+
+from model.flow import (SAMPLERS, flow_loss, get_sampler, guided, noisy, sample_euler, sample_heun,
+                        sample_training_times, shift_time, time_schedule, velocity_target)
+
+
+def frames(seed: int, n: int = 4) -> torch.Tensor:
+    return torch.randn(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def test_flow_loss_is_zero_for_the_true_velocity_and_ignores_observed_frames():
+    x0, noise = frames(0), frames(1)
+    latent = torch.tensor([False, True, True, False])
+    prediction = velocity_target(x0, noise).clone()
+    prediction[~latent] = 1e3  # observed frames' outputs are meaningless and must not count
+    assert flow_loss(prediction, x0, noise, latent) == 0.0
+    prediction[2] += 0.5
+    # Mean over latent frames only: one of two latent frames is off by 0.5 everywhere.
+    assert flow_loss(prediction, x0, noise, latent).item() == pytest.approx(0.25 / 2)
+
+
+def test_flow_loss_with_no_latent_frames_is_zero_not_nan():
+    x0, noise = frames(0), frames(1)
+    loss = flow_loss(torch.zeros_like(x0), x0, noise, torch.zeros(4, dtype=torch.bool))
+    assert loss.item() == 0.0
+
+
+def test_per_frame_noise_levels():
+    x0, noise = frames(2), frames(3)
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    xt = noisy(x0, noise, t)
+    torch.testing.assert_close(xt[0], x0[0])
+    torch.testing.assert_close(xt[3], noise[3])
+    for i in (1, 2):
+        torch.testing.assert_close(xt[i], (1 - t[i]) * x0[i] + t[i] * noise[i])
+
+
+def test_schedule_and_training_times():
+    times = time_schedule(4, shift=3.0)
+    assert times[0] == 1.0 and times[-1] == 0.0 and len(times) == 5
+    assert (times[1:] < times[:-1]).all()
+    # A shift above 1 spends more of the steps at high noise.
+    assert (times[1:-1] > time_schedule(4)[1:-1]).all()
+    assert shift_time(torch.tensor(0.5), 1.0) == 0.5
+    t = sample_training_times(1000, generator=torch.Generator().manual_seed(0))
+    assert ((t > 0) & (t < 1)).all()
+    with pytest.raises(ValueError, match="steps: must be at least 1, got 0"):
+        time_schedule(0)
+
+
+def point_mass_field(x0: torch.Tensor):
+    """The exact rectified-flow velocity when all data is x0: straight lines from x_t to x0."""
+    return lambda x, t: (x - x0) / t
+
+
+@pytest.mark.parametrize("steps", [1, 3, 8])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_euler_is_exact_on_straight_paths(steps, shift):
+    x0, x1 = frames(4), frames(5)
+    out = sample_euler(point_mass_field(x0), x1.clone(), time_schedule(steps, shift))
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-5)
+    # A constant field too: one step, exact.
+    v = frames(6)
+    torch.testing.assert_close(sample_euler(lambda x, t: v, x1.clone(), time_schedule(steps, shift)), x1 - v,
+                               rtol=0, atol=1e-5)
+
+
+def curved_error(sampler, steps: int) -> float:
+    # dx/dt = t * x from t = 1 down to 0: x(0) = x(1) * exp(-1/2).
+    x1 = torch.ones(1, dtype=torch.float64)
+    times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    out = sampler(lambda x, t: t * x, x1.clone(), times)
+    return abs(float(out) - math.exp(-0.5))
+
+
+def test_heun_is_second_order_and_euler_first_order():
+    euler = [curved_error(sample_euler, n) for n in (8, 16, 32)]
+    heun = [curved_error(sample_heun, n) for n in (8, 16, 32)]
+    euler_order = math.log2(euler[1] / euler[2])
+    heun_order = math.log2(heun[1] / heun[2])
+    assert 0.8 < euler_order < 1.3
+    assert heun_order > 1.7
+    assert all(h < e / 5 for h, e in zip(heun, euler))
+
+
+def test_heun_does_not_query_the_model_at_zero_noise():
+    seen = []
+    sample_heun(lambda x, t: seen.append(float(t)) or torch.zeros_like(x), torch.zeros(2), time_schedule(3))
+    assert len(seen) == 5 and min(seen) > 0
+
+
+def test_samplers_share_one_signature_and_report_progress():
+    assert inspect.signature(sample_euler) == inspect.signature(sample_heun)
+    assert set(SAMPLERS) == {"euler", "heun"}
+    for name in SAMPLERS:
+        calls = []
+        get_sampler(name)(lambda x, t: torch.zeros_like(x), torch.zeros(2), time_schedule(5),
+                          callback=lambda step, total: calls.append((step, total)))
+        assert calls == [(i, 5) for i in range(1, 6)]
+    with pytest.raises(ValueError, match="sampler: unknown sampler 'ddim'; allowed: euler, heun"):
+        get_sampler("ddim")
+
+
+def test_classifier_free_guidance_combines_the_branches():
+    cond, uncond = torch.tensor([3.0]), torch.tensor([1.0])
+    model = guided(lambda x, t: (cond, uncond), guidance=4.0)
+    assert model(torch.zeros(1), torch.tensor(0.5)).item() == pytest.approx(1.0 + 4.0 * 2.0)
+    assert guided(lambda x, t: (cond, uncond), guidance=1.0)(None, None).item() == 3.0

@@ -1,0 +1,139 @@
+"""Causal video VAE through the Generator facade: shapes, sizes, causality, chunked decoding."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model_test_helpers import latents
+
+
+def clip(frames: int, height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+
+
+def frame_slice(start: int, stop: int) -> slice:
+    """Video frames of latent frames [start, stop): latent 0 <-> frame 0, latent i >= 1 <-> 4i-3 .. 4i."""
+    return slice(max(0, 4 * start - 3), 4 * stop - 3)
+
+
+@pytest.mark.parametrize(("frames", "latent_frames"), [(1, 1), (5, 2), (9, 3), (13, 4)])
+def test_first_frame_alone_then_groups_of_four(tiny_gen, frames, latent_frames):
+    z = tiny_gen.encode(clip(frames, 32, 32, seed=frames))
+    assert z.shape == (latent_frames, tiny_gen.latent_channels, 4, 4)
+    assert z.dtype == torch.float32
+    assert tiny_gen.num_latent_frames(frames) == latent_frames
+    video = tiny_gen.decode(z)
+    assert video.shape == (1 + 4 * (latent_frames - 1), 32, 32, 3)
+    assert video.dtype == torch.uint8
+
+
+def test_length_not_one_plus_4k_rounds_up(tiny_gen):
+    assert [tiny_gen.num_latent_frames(n) for n in (2, 5, 6, 10)] == [2, 2, 3, 4]
+    assert tiny_gen.encode(clip(6, 16, 16, seed=0)).shape[0] == 3
+
+
+def test_still_image_is_the_first_latent_of_a_video(tiny_gen):
+    video = clip(9, 32, 48, seed=1)
+    still = tiny_gen.encode(video[:1])
+    moving = tiny_gen.encode(video)
+    assert still.shape == (1, tiny_gen.latent_channels, 4, 6)
+    torch.testing.assert_close(still[0], moving[0], rtol=0, atol=1e-5)
+    # The image is still an image: decoding its latent gives one frame.
+    assert tiny_gen.decode(still).shape == (1, 32, 48, 3)
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 48), (48, 16), (16, 64), (16, 16)])
+def test_any_aspect_ratio_in_multiples_of_16(tiny_gen, height, width):
+    assert tiny_gen.latent_size(height, width) == (height // 8, width // 8)
+    z = tiny_gen.encode(clip(5, height, width, seed=height + width))
+    assert z.shape == (2, tiny_gen.latent_channels, height // 8, width // 8)
+    assert tiny_gen.decode(z).shape == (5, height, width, 3)
+
+
+@pytest.mark.parametrize(("height", "width", "field", "value"),
+                         [(40, 48, "height", 40), (32, 20, "width", 20), (8, 32, "height", 8), (24, 24, "height", 24)])
+def test_sizes_not_multiple_of_16_are_rejected(tiny_gen, height, width, field, value):
+    pattern = rf"{field}: .*multiple of 16, got {value}\b"
+    with pytest.raises(ValueError, match=pattern):
+        tiny_gen.latent_size(height, width)
+    with pytest.raises(ValueError, match=pattern):
+        tiny_gen.encode(clip(1, height, width, seed=0))
+
+
+def test_encoder_is_causal(tiny_gen):
+    video = clip(13, 32, 32, seed=2)
+    changed = video.copy()
+    changed[5:] = 255 - changed[5:]  # frames of latents 2 and 3
+    before, after = tiny_gen.encode(video), tiny_gen.encode(changed)
+    torch.testing.assert_close(before[:2], after[:2], rtol=0, atol=1e-5)
+    assert (before[2:] - after[2:]).abs().amax() > 1e-2
+
+
+def test_decoder_is_causal(tiny_gen):
+    z = latents(5, tiny_gen.latent_channels, 4, 4, seed=3)
+    changed = z.clone()
+    changed[3:] += 2.0  # latent 3 is video frames 9..12
+    before, after = tiny_gen.decode_float(z), tiny_gen.decode_float(changed)
+    assert before.shape == (17, 32, 32, 3)
+    torch.testing.assert_close(before[:9], after[:9], rtol=0, atol=1e-4)
+    assert (before[9:] - after[9:]).abs().amax() > 1.0
+
+
+def test_decode_context_is_a_number_the_orchestrator_can_read(tiny_gen):
+    ctx = tiny_gen.decode_context
+    assert isinstance(ctx, int) and not isinstance(ctx, bool)
+    # tiny: one causal residual block of two kernel-3 convolutions in time.
+    assert ctx == tiny_gen.config.vae.decode_context == 4
+
+
+@pytest.fixture(scope="module")
+def long_latents(tiny_gen):
+    return latents(12, tiny_gen.latent_channels, 4, 6, seed=4)
+
+
+@pytest.fixture(scope="module")
+def one_shot(tiny_gen, long_latents):
+    frames = tiny_gen.decode_float(long_latents)
+    assert frames.shape == (1 + 4 * 11, 32, 48, 3)
+    # Random decoder weights must produce a varied picture, or equality below would prove little.
+    assert frames.std() > 5.0
+    return frames
+
+
+@pytest.mark.parametrize(("start", "stop"), [
+    (0, 3), (0, 12),            # from the start of the video: no context
+    (1, 4), (2, 5), (3, 12),    # near the start: fewer than decode_context earlier latents exist
+    (4, 8), (5, 9), (7, 10),    # in the middle with full context
+    (8, 12), (11, 12),          # up to the end, a single latent
+])
+def test_chunked_decode_equals_one_shot(tiny_gen, long_latents, one_shot, start, stop):
+    context = long_latents[max(0, start - tiny_gen.decode_context):start] if start else None
+    part = tiny_gen.decode_float(long_latents[start:stop], context=context)
+    expected = one_shot[frame_slice(start, stop)]
+    assert part.shape == expected.shape
+    assert part.shape[0] == (4 * (stop - start) if start else 1 + 4 * (stop - start - 1))
+    assert (part - expected).abs().amax() <= 1e-4
+    # decode() is the same frames rounded to uint8.
+    assert torch.equal(tiny_gen.decode(long_latents[start:stop], context=context), part.round().to(torch.uint8))
+
+
+def test_longer_context_than_needed_changes_nothing(tiny_gen, long_latents, one_shot):
+    part = tiny_gen.decode_float(long_latents[8:10], context=long_latents[:8])
+    assert (part - one_shot[frame_slice(8, 10)]).abs().amax() <= 1e-4
+
+
+def test_decode_context_is_the_true_receptive_field(tiny_gen, long_latents, one_shot):
+    """One context latent fewer than decode_context is not enough: the number is not an overestimate."""
+    start, ctx = 8, tiny_gen.decode_context
+    short = tiny_gen.decode_float(long_latents[start:start + 2], context=long_latents[start - ctx + 1:start])
+    assert (short - one_shot[frame_slice(start, start + 2)]).abs().amax() > 1e-2
+
+
+def test_decode_rejects_mismatched_latents(tiny_gen, long_latents):
+    with pytest.raises(ValueError, match=r"latents: expected \(n, 4, h, w\)"):
+        tiny_gen.decode(torch.zeros(2, 3, 4, 6))
+    with pytest.raises(ValueError, match="context: latent size"):
+        tiny_gen.decode(long_latents[4:6], context=torch.zeros(2, 4, 4, 4))
+    with pytest.raises(ValueError, match="frames: expected uint8"):
+        tiny_gen.encode(np.zeros((1, 16, 16, 3), dtype=np.float32))

@@ -1,0 +1,77 @@
+"""The `longshot` command: render/status/cluster on a running cluster, exit codes for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator import media
+from orchestrator.cli import main
+from render_helpers import TINY
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def render_args(output, **fields):
+    spec = dict(TINY, **fields)
+    args = ["render", spec["prompt"], "-o", str(output)]
+    for field in ("seconds", "fps", "width", "height", "steps", "seed", "model"):
+        args += [f"--{field}", str(spec[field])]
+    return args
+
+
+def test_render_json_events_then_status(render_cluster, tmp_path, capsys):
+    out = tmp_path / "cli.mp4"
+    code = main(render_args(out) + ["--scheduler", render_cluster.scheduler_address, "--engine", "eager", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    events = [json.loads(line) for line in captured.out.splitlines()]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "done"
+    assert events[-1]["output"] == str(out) and events[-1]["frames"] == 16
+    assert all(e["event"] == "task" for e in events[1:-1])
+    assert media.probe(out)["frames"] == 16
+    assert (tmp_path / "cli.zarr").is_dir()  # default store: next to the output, named after it
+
+    assert main(["status", str(tmp_path / "cli.zarr"), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["state"] == "completed" and status["tasks_done"] == status["tasks"]
+    assert status["levels"][0]["level"] == 0
+
+    assert main(["status", str(tmp_path / "cli.zarr")]) == 0
+    assert "completed" in capsys.readouterr().out
+
+    # The same output with a different prompt: the existing store belongs to another job -> exit 2.
+    code = main(render_args(out, prompt="a green triangle") + ["--scheduler", render_cluster.scheduler_address])
+    err = capsys.readouterr().err
+    assert code == 2 and "different job" in err and "--force" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_paths_exit_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(render_args(tmp_path / "file" / "out.mp4")) == 2
+    assert "output=" in capsys.readouterr().err
+    assert main(render_args(tmp_path / "out.avi")) == 2
+    assert ".mp4" in capsys.readouterr().err
+    assert main(render_args(tmp_path / "o.mp4") + ["--image", str(tmp_path / "missing.png")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["status", str(tmp_path / "nothing.zarr")]) == 2
+    assert "no job store" in capsys.readouterr().err
+    assert main(["resume", str(tmp_path / "nothing.zarr")]) == 2
+    assert main(["render", "x", "-o", str(tmp_path / "o.mp4"), "--model", "no-such-model"]) == 2
+    assert "model='no-such-model'" in capsys.readouterr().err
+
+
+def test_cluster_describes_an_existing_scheduler(render_cluster, capsys):
+    assert main(["cluster", "--scheduler", render_cluster.scheduler_address, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["scheduler"] == render_cluster.scheduler_address
+    assert [w["resources"] for w in info["workers"]] == [{"GPU": 1}, {"GPU": 1}]
+
+
+def test_delegating_subcommands(capsys):
+    assert main(["bench", "nope"]) == 2
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "orchestration", "--help"])
+    assert info.value.code == 0
+    assert "--workers" in capsys.readouterr().out
