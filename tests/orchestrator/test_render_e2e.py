@@ -101,6 +101,12 @@ def encoded(frames):
     return Generator.from_preset("tiny", device="cpu").encode(frames).numpy().astype(np.float16)
 
 
+def assert_same_latents(actual, expected):
+    """Equal up to float16 rounding: the worker encodes with one torch thread, the test with several, and
+    fp32 sums in another order can round to the neighbouring float16."""
+    np.testing.assert_allclose(actual.astype(np.float32), expected.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
 def test_image_at_start_and_end_and_a_loop(render_cluster, tmp_path):
     start_png, end_png = tmp_path / "start.png", tmp_path / "end.png"
     write_image(start_png, (200, 30, 30))
@@ -111,8 +117,8 @@ def test_image_at_start_and_end_and_a_loop(render_cluster, tmp_path):
     assert store.plan["given"] == [0, 4]
     assert store.given_done([0, 4])
     latents = latents_of(result.store)
-    np.testing.assert_array_equal(latents[0], encoded(media.read_frames(start_png, 64, 48))[0])
-    np.testing.assert_array_equal(latents[4], encoded(media.read_frames(end_png, 64, 48))[0])
+    assert_same_latents(latents[0], encoded(media.read_frames(start_png, 64, 48))[0])
+    assert_same_latents(latents[4], encoded(media.read_frames(end_png, 64, 48))[0])
     generated = sorted(t for task in store.plan["tasks"] for t in task["latent"])
     assert generated == [1, 2, 3]
     assert media.probe(spec.output)["frames"] == 16
@@ -139,14 +145,14 @@ def test_extend_backward_and_bridge(render_cluster, tmp_path):
     clip = media.read_frames(clip_b, 64, 48, 8)
     padded = np.concatenate([clip, clip[-1:]])[1:]  # frames 1..7 and a repeat of the last: video frames 9..16
     expected = encoded(np.concatenate([padded[:1], padded]))[1:]
-    np.testing.assert_array_equal(latents_of(result.store)[3:5], expected)
+    assert_same_latents(latents_of(result.store)[3:5], expected)
     assert media.probe(backward.output)["frames"] == 16
 
     bridge = tiny_spec(tmp_path, name="bridge", seconds=4, bridge=[str(clip_a), str(clip_b)])
     result = render(bridge, scheduler=render_cluster.scheduler_address, engine="eager")
     store = JobStore.open(result.store)
     assert store.plan["given"] == [0, 1, 7, 8]
-    np.testing.assert_array_equal(latents_of(result.store)[0:2], encoded(media.read_frames(clip_a, 64, 48, 8)))
+    assert_same_latents(latents_of(result.store)[0:2], encoded(media.read_frames(clip_a, 64, 48, 8)))
     assert media.probe(bridge.output)["frames"] == 32
 
 
