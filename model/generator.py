@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from model.config import ModelConfig, get_preset
+from model.config import ModelConfig, get_preset, preset_names
 from model.dit import FrameInputs, VideoDiT
 from model.flow import get_sampler, guided, time_schedule
 from model.text import TextEmbedding, TextEncoder
@@ -190,7 +190,7 @@ class Generator:
     @classmethod
     def from_name(cls, name_or_path: str | Path, *, device=None) -> "Generator":
         """A preset name (random weights) or a checkpoint directory."""
-        if isinstance(name_or_path, str) and name_or_path in _preset_names():
+        if isinstance(name_or_path, str) and name_or_path in preset_names():
             if name_or_path == "demo" and cls.default_checkpoint() is not None:
                 return cls.load(cls.default_checkpoint(), device=device)
             return cls.from_preset(name_or_path, device=device)
@@ -391,11 +391,6 @@ class Generator:
         the result is exactly the 4n frames of ``latents``, equal to the same frames of a one-shot decode.
         """
         return self.decode_float(latents, context).round().to(torch.uint8)
-
-
-def _preset_names() -> list[str]:
-    from model.config import preset_names
-    return preset_names()
 
 
 def _state_hash(model: nn.Module) -> str:

@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from model.config import VAEConfig
 
 
-
-
 class PixelNorm(nn.Module):
     """Layer norm over channels at every pixel of every frame (causal, and keeps flat colour)."""
 

@@ -473,10 +473,7 @@ def keyframe_indices(path: str | os.PathLike, *, ffmpeg: str | os.PathLike | Non
         exe, "-hide_banner", "-nostdin", "-nostats", "-i", _media_url(p),
         "-map", "0:v:0", "-vf", "showinfo", "-f", "null", "-",
     ]
-    result = subprocess.run(cmd, capture_output=True)
-    report = result.stderr.decode("utf-8", "replace")
-    if result.returncode != 0:
-        raise FFmpegError(cmd, result.returncode, report)
+    report = _run_raw(cmd).stderr.decode("utf-8", "replace")
     return [
         int(m.group(1))
         for m in re.finditer(r"Parsed_showinfo.*?\bn:\s*(\d+)\b.*?\biskey:(\d)", report)
