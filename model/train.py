@@ -211,6 +211,20 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------- the VAE
+def gradient_loss(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+    """L1 between the frame-to-frame and neighbour-pixel differences of two videos (B, 3, T, H, W).
+
+    Objects cover a few percent of a frame, so plain pixel losses are dominated by flat background; matching
+    differences weighs the edges that make a shape, and the frame-to-frame term punishes objects that jump
+    where one latent frame's four frames meet the next (the seams the evaluation measures).
+    """
+    loss = recon.new_zeros(())
+    for dim in (2, 3, 4):
+        if recon.shape[dim] > 1:
+            loss = loss + (torch.diff(recon, dim=dim) - torch.diff(video, dim=dim)).abs().mean()
+    return loss
+
+
 class VAETrainer(Trainer):
     """Encoder and decoder together; or, with ``--decoder-only``, the decoder alone on a frozen encoder.
 
@@ -258,7 +272,9 @@ class VAETrainer(Trainer):
         mse = (recon - video).pow(2).mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         psnr = 10 * torch.log10(4.0 / mse.detach().clamp(min=1e-10))  # pixels span [-1, 1]
-        return l1 + mse + self.args.kl * kl, {"psnr": psnr.item(), "kl": kl.item()}
+        edges = gradient_loss(recon, video)
+        return l1 + mse + self.args.edge * edges + self.args.kl * kl, {"psnr": psnr.item(), "kl": kl.item(),
+                                                                       "edges": edges.item()}
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -311,34 +327,80 @@ class TextTrainer(Trainer):
 
 
 # ----------------------------------------------------------------------------------------------- the DiT
-def sample_window(rng: random.Random, num_latents: int, max_window: int) -> tuple[list[int], list[int]]:
-    """An FDM-style training window: frames of one video at a log-uniform stride, some of them observed.
+def _stride(rng: random.Random, max_stride: float, contiguous: float) -> int:
+    """1 with probability ``contiguous``, else log-uniform in [1, max_stride]."""
+    if max_stride <= 1 or rng.random() < contiguous:
+        return 1
+    return max(1, int(round(math.exp(rng.uniform(0.0, math.log(max_stride))))))
 
-    Mirrors what the planner asks for: keyframe windows spread over the whole video with nothing observed,
-    infill windows between observed neighbours with a few far-away context frames, and short strides.
+
+def _far_context(rng: random.Random, num_latents: int, taken: set[int], count: int) -> list[int]:
+    """Up to ``count`` long-range observed frames from anywhere in the video, as the planner adds keyframes."""
+    pool = [f for f in range(num_latents) if f not in taken]
+    return rng.sample(pool, min(count, len(pool)))
+
+
+def sample_window(rng: random.Random, num_latents: int, max_window: int) -> tuple[list[int], list[int]]:
+    """An FDM-style training window: (observed, latent) latent-frame indices of one video.
+
+    The mix mirrors the shapes of the planner's tasks, so the model practises exactly what a render asks of it:
+
+    * keyframes (20%): frames spread over the video at a log-uniform stride, nothing observed;
+    * infill (30%): a run of latents between two observed frames at the same stride (usually 1, the last
+      level of every hierarchy), plus a few far-away context frames;
+    * continuation (30%): a run of observed frames followed (or, for backward extension, preceded) by a run of
+      latents, as in the autoregressive and hierarchical schemes, plus far-away context;
+    * scattered (20%): log-uniform frames with the ends and a few random frames observed, which covers the
+      level-parallel scheme's many-observed, few-latent tasks.
+
+    Consecutive latent frames at stride 1 matter most: every seam in a rendered video sits between two of them.
     """
-    n = rng.randint(2, max_window)
-    max_stride = max(1.0, (num_latents - 1) / (n - 1))
-    stride = math.exp(rng.uniform(0.0, math.log(max_stride)))
-    span = stride * (n - 1)
-    start = rng.uniform(0, max(0.0, num_latents - 1 - span))
-    frames = sorted({min(num_latents - 1, int(round(start + stride * k))) for k in range(n)})
+    if num_latents < 2:
+        return [], [0]
     kind = rng.random()
-    if kind < 0.25 or len(frames) < 3:
-        observed: list[int] = []
-    else:
-        observed = [frames[0], frames[-1]] if kind < 0.7 else [frames[0]]
-        # Long-range context: a few frames from anywhere in the video, as the planner adds keyframes.
-        extra = rng.randint(0, 3)
-        pool = [f for f in range(num_latents) if f not in frames]
-        for f in rng.sample(pool, min(extra, len(pool))):
-            if len(frames) + 1 <= max_window:
-                frames.append(f)
-                observed.append(f)
-    latent = [f for f in frames if f not in observed]
-    if not latent:
-        latent, observed = observed[-1:], observed[:-1]
-    return sorted(observed), sorted(latent)
+    if kind < 0.2:  # keyframes
+        n = min(rng.randint(2, max_window), num_latents)
+        stride = _stride(rng, (num_latents - 1) / max(n - 1, 1), contiguous=0.1)
+        start = rng.randint(0, max(0, num_latents - 1 - stride * (n - 1)))
+        frames = sorted({min(num_latents - 1, start + stride * k) for k in range(n)})
+        return [], frames
+    if kind < 0.5:  # infill between two observed neighbours
+        n = rng.randint(1, max(1, min(max_window - 2, num_latents - 2)))
+        stride = _stride(rng, (num_latents - 1) / (n + 1), contiguous=0.6)
+        left = rng.randint(0, max(0, num_latents - 1 - stride * (n + 1)))
+        frames = [min(num_latents - 1, left + stride * k) for k in range(n + 2)]
+        frames = sorted(set(frames))
+        if len(frames) < 3:
+            return frames[:1], frames[1:]
+        observed, latent = [frames[0], frames[-1]], frames[1:-1]
+        room = max_window - len(frames)
+        observed += _far_context(rng, num_latents, set(frames), rng.randint(0, min(3, room)))
+        return sorted(observed), latent
+    if kind < 0.8:  # continuation: observed run, then latent run
+        n_obs = rng.randint(1, max(1, max_window // 2))
+        n_lat = rng.randint(1, max(1, max_window - n_obs))
+        stride = _stride(rng, (num_latents - 1) / max(n_obs + n_lat - 1, 1), contiguous=0.7)
+        total = n_obs + n_lat
+        start = rng.randint(0, max(0, num_latents - 1 - stride * (total - 1)))
+        frames = sorted({min(num_latents - 1, start + stride * k) for k in range(total)})
+        if len(frames) < 2:
+            return [], frames
+        n_obs = min(n_obs, len(frames) - 1)
+        backward = rng.random() < 0.2
+        observed, latent = (frames[-n_obs:], frames[:-n_obs]) if backward else (frames[:n_obs], frames[n_obs:])
+        room = max_window - len(frames)
+        observed += _far_context(rng, num_latents, set(frames), rng.randint(0, min(4, room)))
+        return sorted(observed), latent
+    # scattered
+    n = rng.randint(3, max_window)
+    stride = _stride(rng, max(1.0, (num_latents - 1) / (n - 1)), contiguous=0.2)
+    start = rng.randint(0, max(0, num_latents - 1 - stride * (n - 1)))
+    frames = sorted({min(num_latents - 1, start + stride * k) for k in range(n)})
+    if len(frames) < 3:
+        return [], frames
+    chosen = [frames[0], frames[-1]] + rng.sample(frames[1:-1], rng.randint(0, len(frames) - 3))
+    latent = [f for f in frames if f not in chosen]
+    return sorted(chosen), latent
 
 
 class DiTTrainer(Trainer):
@@ -422,8 +484,26 @@ def load_part(model: VideoModel, run: Path, part: str) -> dict:
     return json.loads(paths.meta.read_text()) if paths.meta.is_file() else {}
 
 
-def build_model(preset: str, run: Path, parts: tuple[str, ...]) -> tuple[VideoModel, dict]:
+def run_config(preset: str, run: Path) -> ModelConfig:
+    """The architecture a run directory trains: recorded in ``<run>/model.json`` by its first command.
+
+    Every later command on the run (resume, the other parts, export) reads it back, so a run keeps training
+    the architecture it started with even after the preset it came from changes.
+    """
+    path = run / "model.json"
+    if path.is_file():
+        cfg = ModelConfig.from_dict(json.loads(path.read_text()))
+        if cfg.preset != preset:
+            raise ValueError(f"preset: run {run} trains preset {cfg.preset!r} (see {path}), got {preset!r}")
+        return cfg
     cfg = get_preset(preset)
+    run.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return cfg
+
+
+def build_model(preset: str, run: Path, parts: tuple[str, ...]) -> tuple[VideoModel, dict]:
+    cfg = run_config(preset, run)
     vae_meta: dict = {}
     if "vae" in parts and RunPaths(run, "vae").meta.is_file():
         vae_meta = json.loads(RunPaths(run, "vae").meta.read_text())
@@ -461,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--ema", type=float, default=None, help="EMA decay (0 disables)")
     parser.add_argument("--kl", type=float, default=1e-6, help="VAE KL weight")
+    parser.add_argument("--edge", type=float, default=1.0,
+                        help="VAE weight of the edge and frame-to-frame difference loss")
     parser.add_argument("--decoder-only", action="store_true",
                         help="vae: train the decoder alone on the frozen encoder (the latent space stays fixed)")
     parser.add_argument("--seed", type=int, default=0)
@@ -486,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer: Trainer = DiTTrainer(args, model)
     else:
         with _quiet_open_clip():
-            model = VideoModel(get_preset(args.preset))
+            model = VideoModel(run_config(args.preset, run))
         trainer = VAETrainer(args, model) if args.part == "vae" else TextTrainer(args, model)
     trainer.run()
     return 0

@@ -36,7 +36,8 @@ class FrameNorm(nn.GroupNorm):
     """GroupNorm over each frame alone (statistics across time would break causality).
 
     Used only inside residual branches: it normalises a uniform colour to zero, so colour must travel along
-    the skip paths, and the layers that feed the latents and the pixels use :class:`PixelNorm` instead.
+    the skip paths; the layers that produce the latents and the pixels take the residual stream unnormalised
+    (or, with ``VAEConfig.output_norm``, through :class:`PixelNorm`).
     """
 
     def __init__(self, channels: int):
@@ -130,7 +131,7 @@ class Encoder(nn.Module):
                 layers.append(Downsample(c))
         self.down = nn.Sequential(*layers)
         self.temporal = nn.Sequential(*[CausalResBlock(ch[-1], cfg.kernel_t) for _ in range(cfg.encoder_temporal_blocks)])
-        self.norm_out = PixelNorm(ch[-1])
+        self.norm_out = PixelNorm(ch[-1]) if cfg.output_norm else nn.Identity()
         self.conv_out = FrameConv(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
         # Start with a small posterior variance: with the tiny KL weight the noise would otherwise drown the
         # latents early in training and the encoder would spend thousands of steps outgrowing it.
@@ -157,7 +158,7 @@ class Decoder(nn.Module):
             if level > 0:
                 layers.append(Upsample(c))
         self.up = nn.Sequential(*layers)
-        self.norm_out = PixelNorm(ch[0])
+        self.norm_out = PixelNorm(ch[0]) if cfg.output_norm else nn.Identity()
         self.conv_out = FrameConv(ch[0], 3 * tf, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, C, T_lat, h, w) -> (B, 3*tf, T_lat, H, W)

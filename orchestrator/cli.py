@@ -1,7 +1,8 @@
 """`longshot`: render | resume | status | cluster | bench | train | eval.
 
-Exit codes: 0 success, 1 the job failed after it started (the store keeps finished work), 2 bad input
-(one line on stderr, no traceback, nothing started), 130 interrupted.
+Exit codes: 0 success, 1 the job failed after it started (the store keeps finished work), 2 bad input or a
+store that another render or resume is writing (one line on stderr, no traceback, nothing started),
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         print("longshot: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ValueError as err:
-        # SpecError, StoreMismatch, PathNotWritable, PlanError...: bad input, one line.
+        # SpecError, StoreMismatch, StoreLocked, PathNotWritable, PlanError...: bad input, one line.
         print(f"longshot: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (ConnectionError, OSError) as err:

@@ -17,7 +17,8 @@ Metrics (:func:`evaluate_video`):
 * **seams** - mean frame-to-frame difference at task and segment boundaries over the median difference
   elsewhere (1.0 = invisible);
 * **colour drift** - CIE76 delta E between the background colour of the first and of the last second;
-* VAE reconstruction PSNR on held-out world clips (:func:`vae_psnr`).
+* VAE reconstruction PSNR on held-out world clips (:func:`vae_psnr`), and the VAE's ceiling: adherence and seams
+  of its reconstruction of each prompt's own world video (:func:`reconstruction_ceiling`).
 
 The presence rule. Objects move, leave the frame (wrap-around) and pass behind each other, so presence is decided
 over a window of frames, never from one frame: the first ``ADHERENCE_SECONDS`` for adherence and
@@ -521,6 +522,33 @@ def vae_psnr(generator: Any, *, clips: int = 4, num_frames: int = 17, width: int
             "num_frames": num_frames, "width": width, "height": height}
 
 
+def reconstruction_ceiling(generator: Any, prompts: Sequence[tuple[int, str]], *, width: int, height: int,
+                           fps: float, seconds: float = ADHERENCE_SECONDS) -> dict:
+    """Adherence and seam ratio of the VAE's reconstruction of each prompt's own world video (first seconds).
+
+    Whatever the DiT generates reaches the screen through the decoder, so these are the best scores the model
+    can get: when they are low, the VAE, not the DiT or the schedule, is what to improve. Seams are measured at
+    every latent-frame boundary (frame 4i - 3), where one latent's frames meet the next's.
+    """
+    import torch
+
+    num_frames = 1 + LATENT_FRAME_STRIDE * max(1, round((seconds * fps - 1) / LATENT_FRAME_STRIDE))
+    boundaries = [LATENT_FRAME_STRIDE * i - (LATENT_FRAME_STRIDE - 1)
+                  for i in range(1, 1 + (num_frames - 1) // LATENT_FRAME_STRIDE)]
+    adherence, seams = [], []
+    for seed, prompt in prompts:
+        frames = world.render_frames(world.sample_world(seed), range(num_frames), fps=fps, width=width,
+                                     height=height)
+        with torch.no_grad():
+            decoded = generator.decode(generator.encode(frames))
+        decoded = np.asarray(decoded.cpu().numpy() if hasattr(decoded, "cpu") else decoded)[:num_frames]
+        result = evaluate_video(decoded, prompt, fps, boundaries, adherence_seconds=seconds)
+        adherence.append(result["adherence"])
+        seams.append(result["seam_ratio"])
+    return {"adherence": _rounded(_mean(adherence)), "seam_ratio": _rounded(_mean(seams)),
+            "prompts": len(prompts), "seconds": round(num_frames / fps, 3)}
+
+
 def eval_prompts(count: int) -> list[tuple[int, str]]:
     """The fixed evaluation prompt set: (world seed, caption) of held-out worlds."""
     return [(PROMPT_SEED_BASE + k, world.caption(world.sample_world(PROMPT_SEED_BASE + k))) for k in range(count)]
@@ -700,6 +728,11 @@ def _print_table(report: dict) -> None:
         vae = report["vae"]
         console.print(f"VAE reconstruction PSNR on {vae['clips']} held-out world clips of {vae['num_frames']} frames: "
                       f"{cell(vae['psnr'], verdict.get(('vae_psnr', None)))} dB (target {_target_text('vae_psnr')})")
+        ceiling = vae.get("reconstruction")
+        if ceiling:
+            console.print(f"The VAE's ceiling (its reconstruction of each prompt's world video, first "
+                          f"{ceiling['seconds']:g} s): adherence {ceiling['adherence']}, seam ratio at every latent "
+                          f"boundary {ceiling['seam_ratio']}")
     failed = [c for c in report["checks"] if c["passed"] is False]
     console.print(f"{len(report['checks']) - len(failed)} of {len(report['checks'])} target checks pass.")
 
@@ -747,7 +780,9 @@ def run_evaluation(args: argparse.Namespace) -> dict:
 
     vae = None
     if args.vae_clips:
-        vae = vae_psnr(load_generator(args.model), clips=args.vae_clips, width=width, height=height, fps=fps)
+        generator = load_generator(args.model)
+        vae = vae_psnr(generator, clips=args.vae_clips, width=width, height=height, fps=fps)
+        vae["reconstruction"] = reconstruction_ceiling(generator, prompts, width=width, height=height, fps=fps)
     checks = check_targets({s: v["summary"] for s, v in schedules.items()}, vae)
     return {
         "settings": {"prompts": args.prompts, "seconds": seconds, "schedules": args.schedules,

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from orchestrator.progress import ProgressReporter, reporter
 from orchestrator.spec import JobSpec, SpecError
-from orchestrator.store import JobStore, StoreError, StoreMismatch, check_writable, is_store
+from orchestrator.store import JobStore, StoreError, StoreMismatch, check_writable, is_store, store_write_lock
 
 log = logging.getLogger(__name__)
 
@@ -672,11 +672,10 @@ def render(spec: JobSpec | dict, *, scheduler: str | None = None, workers: int |
            engine: str = "deepspeed", force: bool = False, progress=None, backend: str = "local",
            adapt: tuple[int, int] | None = None, functions: TaskFunctions | None = None) -> RenderResult:
     """Render `spec` to its output file on a Dask cluster; resumes from the store when it already holds
-    part of this job. Bad input raises ValueError subclasses before any work; failures after the start
-    raise RenderError (RenderCancelled on Ctrl-C) with every finished task left in the store."""
-    from cluster.backends import start
-    from cluster.worker import ENGINES, GeneratorPlugin
-    from orchestrator.plan import Plan
+    part of this job. Bad input raises ValueError subclasses before any work, StoreLocked among them when
+    another render or resume is writing the store; failures after the start raise RenderError
+    (RenderCancelled on Ctrl-C) with every finished task left in the store."""
+    from cluster.worker import ENGINES
 
     if isinstance(spec, dict):
         spec = JobSpec.parse(spec)
@@ -686,6 +685,21 @@ def render(spec: JobSpec | dict, *, scheduler: str | None = None, workers: int |
         raise ValueError(f"workers={workers}: need at least 1 worker")
     show = reporter(progress)
     model_ref = preflight(spec, force=force)
+    # Taken before the cluster starts, so that a second writer of this store fails at once, and held until
+    # this client's last write (the run record) whatever the outcome.
+    with store_write_lock(spec.store_path):
+        return _render_locked(spec, model_ref, show, scheduler=scheduler, workers=workers, engine=engine,
+                              force=force, backend=backend, adapt=adapt, functions=functions)
+
+
+def _render_locked(spec: JobSpec, model_ref: str, show: ProgressReporter, *, scheduler: str | None,
+                   workers: int | None, engine: str, force: bool, backend: str, adapt: tuple[int, int] | None,
+                   functions: TaskFunctions | None) -> RenderResult:
+    """`render` once preflight has passed, run while this process holds the store's write lock."""
+    from cluster.backends import start
+    from cluster.worker import GeneratorPlugin
+    from orchestrator.plan import Plan
+
     clip_frames = _clip_frame_counts(spec)
     wall_start = time.monotonic()
     timings: dict[str, float] = {}

@@ -10,6 +10,10 @@ Layout of one job group (a local directory or any fsspec URL):
     output               record of the final video (path, sha256, frames)
     runs/<run_id>        one record per render/resume invocation (written by the client only)
 
+Nothing else lives in the group, so xarray and zarr open it without warnings. The write lock of a local store
+is the sibling file `<store>.lock` (`out.zarr` -> `out.zarr.lock`), which also holds the pid, host and start
+time of the render or resume writing the store while it holds the lock.
+
 A task counts as done only if its marker parses and every checksum it records matches the frame in the
 store, so a torn chunk or a torn marker makes the task run again on resume. Markers are separate nodes, so
 concurrent tasks never update the same metadata.
@@ -18,24 +22,34 @@ concurrent tasks never update the same metadata.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
+import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import fsspec
 import numpy as np
 import zarr
+from filelock import FileLock, Timeout
 from zarr.codecs import BloscCodec
 from zarr.storage import FsspecStore, LocalStore
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 LATENT_DIMENSIONS = ("latent_frame", "channel", "y", "x")
 _GROUPS = ("tasks", "segments", "runs")
+LOCK_SUFFIX = ".lock"
+# flock errors that mean "this filesystem cannot lock", not "someone else holds the lock".
+_LOCKING_UNSUPPORTED = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP})
 
 
 class StoreError(RuntimeError):
@@ -61,6 +75,25 @@ class StoreMismatch(ValueError):
         super().__init__(
             f"store: {url} was created for a different job ({shown}{more}); "
             "use --force to replace it, or choose another --store"
+        )
+
+
+class StoreLocked(ValueError):
+    """Another render or resume is writing this job store; found before any rendering starts.
+
+    `holder` is what that writer recorded about itself (pid, host, started), or {} when it is unknown.
+    """
+
+    def __init__(self, url: str, holder: dict):
+        self.url, self.holder = url, holder
+        if holder:
+            who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+                   f"since {holder.get('started', '?')}")
+        else:
+            who = "holder unknown"
+        super().__init__(
+            f"store: {url} is being written by another render or resume ({who}); "
+            f"wait for it to end, or stop it and run `longshot resume {url}`"
         )
 
 
@@ -452,7 +485,74 @@ def _ranges(indices: list[int]) -> str:
     return ",".join(parts)
 
 
+def lock_path(url: str) -> str:
+    """The write lock file of the local job store at `url`: `<store>.lock`, beside the store, never inside it."""
+    _, path, _ = _split_url(url)
+    return path + LOCK_SUFFIX
+
+
+@contextmanager
+def store_write_lock(url: str) -> Iterator[None]:
+    """Hold the exclusive write lock of the job store at `url` for the block.
+
+    Raises StoreLocked at once, without waiting, when another process holds it. The lock is an OS file lock
+    (flock; LockFileEx on Windows) on `<store>.lock` beside the store, which the kernel drops when its process ends
+    in any way, SIGKILL included, so a killed render never blocks its resume. The store's parent directory is
+    created if absent, the store itself is not. While held, the lock file holds a JSON record of who holds it, for
+    the error the next writer gets; it is left empty on release. Readers such as `job_status` never take it.
+    """
+    _, _, local = _split_url(url)
+    lock = None
+    if local:
+        lock_file = lock_path(url)
+        # fallback_to_soft=False: where flock is missing, filelock would otherwise fall back to a marker file
+        # that a killed render leaves behind, blocking its resume.
+        lock = FileLock(lock_file, blocking=False, fallback_to_soft=False)
+        try:
+            os.makedirs(os.path.dirname(lock_file), exist_ok=True)
+            lock.acquire()
+        except Timeout:
+            raise StoreLocked(url, _read_lock_holder(lock_file)) from None
+        except OSError as err:
+            if err.errno not in _LOCKING_UNSUPPORTED:
+                raise StoreWriteError("the lock file", url, err) from err
+            lock = None
+    if lock is None:
+        # Object stores (s3://, gs://...) have no lock that every writer sees and that dies with its holder, and
+        # some network filesystems have no flock; a marker object would outlive a killed render and block its
+        # resume, which is worse than no lock.
+        log.warning("store %s cannot be locked (%s): run one render or resume of it at a time", url,
+                    "not a local filesystem" if not local else "the filesystem has no file locks")
+        yield
+        return
+    try:
+        try:
+            # Only the holder truncates: filelock opens the lock file without O_TRUNC (filelock/_unix.py,
+            # UnixFileLock._open_lock_file), so a contender that fails to get the flock leaves this record intact.
+            with open(lock_file, "w") as handle:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}, handle)
+        except OSError as err:
+            raise StoreWriteError("the lock holder record", url, err) from err
+        yield
+    finally:
+        # The record goes before the lock: once the lock is free, the file may hold the next writer's record.
+        with suppress(OSError):
+            os.truncate(lock_file, 0)
+        lock.release()
+
+
+def _read_lock_holder(lock_file: str) -> dict:
+    """The holder record in a held lock file, or {} when it is empty, missing or half written."""
+    try:
+        with open(lock_file) as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def remove_store(url: str) -> None:
+    """Delete the job store at `url`. Its write lock lives beside it and is untouched."""
     fs, path, _ = _split_url(url)
     if fs.exists(path):
         fs.rm(path, recursive=True)

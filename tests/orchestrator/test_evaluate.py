@@ -225,6 +225,30 @@ def test_eval_prompts_are_fixed_held_out_captions():
     assert all(world.parse_caption(text)["objects"] for _, text in prompts)
 
 
+class _LosslessCodec:
+    """A VAE that reconstructs perfectly (latents are the frames) or, with ``flat``, paints the mean colour."""
+
+    def __init__(self, flat: bool = False):
+        self.flat = flat
+
+    def encode(self, frames):
+        return np.asarray(frames)
+
+    def decode(self, latents):
+        if self.flat:
+            return np.broadcast_to(latents.mean(axis=(0, 1, 2), keepdims=True).astype(np.uint8), latents.shape)
+        return latents
+
+
+def test_reconstruction_ceiling_is_full_for_a_lossless_vae_and_empty_for_a_flat_one():
+    prompts = ev.eval_prompts(2)
+    lossless = ev.reconstruction_ceiling(_LosslessCodec(), prompts, width=64, height=64, fps=8)
+    assert lossless["adherence"] == 1.0 and lossless["prompts"] == 2
+    assert lossless["seam_ratio"] < 2.0  # the world moves smoothly across latent boundaries
+    flat = ev.reconstruction_ceiling(_LosslessCodec(flat=True), prompts, width=64, height=64, fps=8)
+    assert flat["adherence"] == 0.0
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 
@@ -246,5 +270,6 @@ def test_longshot_eval_end_to_end(tmp_path, capsys):
     # The world's own rendering of the prompt is the reference: full marks for what it shows.
     assert report["world"]["summary"]["adherence"] == 1.0
     assert report["vae"]["clips"] == 1 and report["vae"]["psnr"] > 0
+    assert 0.0 <= report["vae"]["reconstruction"]["adherence"] <= 1.0
     targets = {(c["target"], c["schedule"]) for c in report["checks"]}
     assert {("vae_psnr", None), ("adherence", "parallel"), ("seam_ratio", "parallel")} <= targets

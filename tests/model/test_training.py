@@ -1,0 +1,88 @@
+"""Training entry points on the tiny preset: every part trains, resumes and exports a loadable checkpoint."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from model.generator import Generator, Window
+from model.train import gradient_loss, main, sample_window
+
+
+def test_training_windows_fit_the_model_and_practise_neighbouring_latents():
+    rng = random.Random(0)
+    windows = 4000
+    latents = adjacent = unobserved = 0
+    for _ in range(windows):
+        num_latents = rng.choice((2, 3, 10, 61, 181, 361))
+        observed, latent = sample_window(rng, num_latents, 16)
+        assert latent, "every window has something to denoise"
+        assert len(observed) + len(latent) <= 16
+        assert not set(observed) & set(latent)
+        assert all(0 <= f < num_latents for f in observed + latent)
+        assert observed == sorted(set(observed)) and latent == sorted(set(latent))
+        latents += len(latent)
+        # A seam in a render sits between a latent and its next frame, generated or observed.
+        adjacent += sum(1 for f in latent if f + 1 in latent or f + 1 in observed)
+        unobserved += not observed
+    assert adjacent / latents > 0.4
+    assert 0.1 < unobserved / windows < 0.5  # keyframe windows, and not only those
+
+
+def test_gradient_loss_sees_a_moved_object_that_colour_alone_would_forgive():
+    video = -torch.ones(1, 3, 5, 16, 16)
+    video[:, :, :, 4:8, 4:8] = 1.0
+    assert gradient_loss(video, video).item() == 0.0
+    moved = torch.roll(video, shifts=1, dims=-1)
+    moved[:, :, 3:] = torch.roll(video[:, :, 3:], shifts=3, dims=-1)  # a jump between frames 2 and 3
+    assert gradient_loss(moved, video).item() > 0.0
+    smooth = torch.roll(video, shifts=1, dims=-1)
+    assert gradient_loss(moved, video).item() > gradient_loss(smooth, video).item()
+
+
+@pytest.mark.timeout(300)
+def test_every_part_trains_resumes_and_exports(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--preset", "tiny", "--run", str(run), "--save-every", "1", "--log-every", "1", "--warmup", "1"]
+    assert main(["vae", *common, "--steps", "2", "--batch", "1"]) == 0
+    assert main(["vae", *common, "--steps", "3", "--batch", "1"]) == 0
+    assert "resumed at step 2" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (run / "vae" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    meta = json.loads((run / "vae" / "vae.json").read_text())
+    assert meta["step"] == 3 and meta["latent_scale"] > 0
+
+    assert main(["vae", *common, "--steps", "1", "--batch", "1", "--decoder-only"]) == 0
+    assert main(["text", *common, "--steps", "2", "--batch", "4"]) == 0
+    assert main(["dit", *common, "--steps", "2", "--batch", "2"]) == 0
+    out = tmp_path / "checkpoint"
+    assert main(["export", "--preset", "tiny", "--run", str(run), "--out", str(out)]) == 0
+
+    generator = Generator.load(out)
+    assert generator.config.latent_scale == pytest.approx(meta["latent_scale"], rel=1e-6)
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["dit"]["step"] == 2
+    assert training["vae"]["encoder_steps"] == 3 and training["vae"]["decoder_steps"] == 1
+    window = Window(observed_times=(), latent_times=(0, 1), height=4, width=4)
+    latents = generator.sample(window, None, "a red circle bouncing on a blue background", seed=0, steps=2,
+                               guidance=2.0)
+    assert torch.isfinite(latents).all()
+    frames = generator.decode(latents)
+    assert tuple(frames.shape) == (5, 32, 32, 3)
+
+
+def test_a_run_keeps_the_architecture_it_started_with(tmp_path):
+    run = tmp_path / "run"
+    common = ["--run", str(run), "--steps", "1", "--batch", "1", "--log-every", "1"]
+    assert main(["vae", "--preset", "tiny", *common]) == 0
+    recorded = json.loads((run / "model.json").read_text())
+    assert recorded["preset"] == "tiny"
+    # A run trained with an older architecture resumes with it, not with today's preset.
+    recorded["vae"]["output_norm"] = not recorded["vae"]["output_norm"]
+    (run / "model.json").write_text(json.dumps(recorded))
+    with pytest.raises(RuntimeError, match="norm_out"):
+        main(["vae", "--preset", "tiny", *common[:2], "--steps", "2", "--batch", "1"])
+    with pytest.raises(ValueError, match="preset: run .* trains preset 'tiny'"):
+        main(["vae", "--preset", "demo", *common])
