@@ -334,6 +334,12 @@ def _stride(rng: random.Random, max_stride: float, contiguous: float) -> int:
     return max(1, int(round(math.exp(rng.uniform(0.0, math.log(max_stride))))))
 
 
+def _evenly_spaced(rng: random.Random, num_latents: int, count: int, stride: int) -> list[int]:
+    """``count`` frames ``stride`` apart from a random start that keeps them inside the video (fewer at its end)."""
+    start = rng.randint(0, max(0, num_latents - 1 - stride * (count - 1)))
+    return sorted({min(num_latents - 1, start + stride * k) for k in range(count)})
+
+
 def _far_context(rng: random.Random, num_latents: int, taken: set[int], count: int) -> list[int]:
     """Up to ``count`` long-range observed frames from anywhere in the video, as the planner adds keyframes."""
     pool = [f for f in range(num_latents) if f not in taken]
@@ -361,15 +367,11 @@ def sample_window(rng: random.Random, num_latents: int, max_window: int) -> tupl
     if kind < 0.2:  # keyframes
         n = min(rng.randint(2, max_window), num_latents)
         stride = _stride(rng, (num_latents - 1) / max(n - 1, 1), contiguous=0.1)
-        start = rng.randint(0, max(0, num_latents - 1 - stride * (n - 1)))
-        frames = sorted({min(num_latents - 1, start + stride * k) for k in range(n)})
-        return [], frames
+        return [], _evenly_spaced(rng, num_latents, n, stride)
     if kind < 0.5:  # infill between two observed neighbours
         n = rng.randint(1, max(1, min(max_window - 2, num_latents - 2)))
         stride = _stride(rng, (num_latents - 1) / (n + 1), contiguous=0.6)
-        left = rng.randint(0, max(0, num_latents - 1 - stride * (n + 1)))
-        frames = [min(num_latents - 1, left + stride * k) for k in range(n + 2)]
-        frames = sorted(set(frames))
+        frames = _evenly_spaced(rng, num_latents, n + 2, stride)
         if len(frames) < 3:
             return frames[:1], frames[1:]
         observed, latent = [frames[0], frames[-1]], frames[1:-1]
@@ -380,9 +382,7 @@ def sample_window(rng: random.Random, num_latents: int, max_window: int) -> tupl
         n_obs = rng.randint(1, max(1, max_window // 2))
         n_lat = rng.randint(1, max(1, max_window - n_obs))
         stride = _stride(rng, (num_latents - 1) / max(n_obs + n_lat - 1, 1), contiguous=0.7)
-        total = n_obs + n_lat
-        start = rng.randint(0, max(0, num_latents - 1 - stride * (total - 1)))
-        frames = sorted({min(num_latents - 1, start + stride * k) for k in range(total)})
+        frames = _evenly_spaced(rng, num_latents, n_obs + n_lat, stride)
         if len(frames) < 2:
             return [], frames
         n_obs = min(n_obs, len(frames) - 1)
@@ -394,8 +394,7 @@ def sample_window(rng: random.Random, num_latents: int, max_window: int) -> tupl
     # scattered
     n = rng.randint(3, max_window)
     stride = _stride(rng, max(1.0, (num_latents - 1) / (n - 1)), contiguous=0.2)
-    start = rng.randint(0, max(0, num_latents - 1 - stride * (n - 1)))
-    frames = sorted({min(num_latents - 1, start + stride * k) for k in range(n)})
+    frames = _evenly_spaced(rng, num_latents, n, stride)
     if len(frames) < 3:
         return [], frames
     chosen = [frames[0], frames[-1]] + rng.sample(frames[1:-1], rng.randint(0, len(frames) - 3))

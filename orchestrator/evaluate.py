@@ -478,6 +478,11 @@ def _rounded(value: float | None, digits: int = 4) -> float | None:
     return round(float(value), digits)
 
 
+def first_frame_of_latent(i: int) -> int:
+    """The first video frame latent frame ``i >= 1`` covers (latent 0 holds frame 0 alone)."""
+    return LATENT_FRAME_STRIDE * i - (LATENT_FRAME_STRIDE - 1)
+
+
 def plan_boundaries(plan: Any, num_frames: int) -> dict[str, list[int]]:
     """First video frames of every generation task's run of latent frames and of every decode segment.
 
@@ -492,7 +497,7 @@ def plan_boundaries(plan: Any, num_frames: int) -> dict[str, list[int]]:
     task_frames = []
     for i in sorted(owner):
         if i >= 1 and owner.get(i - 1) != owner[i]:
-            frame = LATENT_FRAME_STRIDE * i - (LATENT_FRAME_STRIDE - 1)
+            frame = first_frame_of_latent(i)
             if 0 < frame < num_frames:
                 task_frames.append(frame)
     segment_frames = sorted({int(s["frame_start"]) for s in data.get("segments", ())
@@ -503,19 +508,22 @@ def plan_boundaries(plan: Any, num_frames: int) -> dict[str, list[int]]:
 # ----------------------------------------------------------------------------------------------------- models
 
 
+def reconstruct(generator: Any, frames: np.ndarray) -> np.ndarray:
+    """``generator``'s VAE round trip of uint8 frames (T, H, W, 3), as uint8 frames of the same length."""
+    import torch
+
+    with torch.no_grad():
+        decoded = generator.decode(generator.encode(frames))
+    return np.asarray(decoded.cpu().numpy() if hasattr(decoded, "cpu") else decoded)[:len(frames)]
+
+
 def vae_psnr(generator: Any, *, clips: int = 4, num_frames: int = 17, width: int = 64, height: int = 64,
              fps: float = 24.0, seed_base: int = VAE_CLIP_SEED_BASE) -> dict:
     """Mean reconstruction PSNR of ``generator.encode``/``decode`` on held-out world clips."""
-    import torch
-
     values = []
     for k in range(clips):
         frames, _, _ = world.render_clip(seed_base + k, num_frames, fps, width, height)
-        with torch.no_grad():
-            latents = generator.encode(frames)
-            decoded = generator.decode(latents)
-        decoded = np.asarray(decoded.cpu().numpy() if hasattr(decoded, "cpu") else decoded)[:num_frames]
-        values.append(psnr(frames, decoded))
+        values.append(psnr(frames, reconstruct(generator, frames)))
     finite = [v for v in values if math.isfinite(v)]
     mean = float(np.mean(finite)) if len(finite) == len(values) else math.inf
     return {"psnr": round(mean, 3), "per_clip": [round(v, 3) for v in values], "clips": clips,
@@ -530,19 +538,13 @@ def reconstruction_ceiling(generator: Any, prompts: Sequence[tuple[int, str]], *
     can get: when they are low, the VAE, not the DiT or the schedule, is what to improve. Seams are measured at
     every latent-frame boundary (frame 4i - 3), where one latent's frames meet the next's.
     """
-    import torch
-
     num_frames = 1 + LATENT_FRAME_STRIDE * max(1, round((seconds * fps - 1) / LATENT_FRAME_STRIDE))
-    boundaries = [LATENT_FRAME_STRIDE * i - (LATENT_FRAME_STRIDE - 1)
-                  for i in range(1, 1 + (num_frames - 1) // LATENT_FRAME_STRIDE)]
+    boundaries = [first_frame_of_latent(i) for i in range(1, 1 + (num_frames - 1) // LATENT_FRAME_STRIDE)]
     adherence, seams = [], []
     for seed, prompt in prompts:
         frames = world.render_frames(world.sample_world(seed), range(num_frames), fps=fps, width=width,
                                      height=height)
-        with torch.no_grad():
-            decoded = generator.decode(generator.encode(frames))
-        decoded = np.asarray(decoded.cpu().numpy() if hasattr(decoded, "cpu") else decoded)[:num_frames]
-        result = evaluate_video(decoded, prompt, fps, boundaries, adherence_seconds=seconds)
+        result = evaluate_video(reconstruct(generator, frames), prompt, fps, boundaries, adherence_seconds=seconds)
         adherence.append(result["adherence"])
         seams.append(result["seam_ratio"])
     return {"adherence": _rounded(_mean(adherence)), "seam_ratio": _rounded(_mean(seams)),
