@@ -10,10 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# Frame width and height are multiples of this (see ModelConfig's check).
+FRAME_MULTIPLE = 16
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     latent_channels: int = 8
-    # Feature channels at full, 1/2, 1/4 and 1/8 resolution (three ×2 spatial stages make ×8).
+    # Feature channels at full, 1/2, 1/4 ... resolution: each level after the first halves height and width,
+    # so len(channels) - 1 stages of ×2 make ``spatial_factor`` (four levels ×8, three levels ×4).
     channels: tuple[int, ...] = (16, 32, 64, 96)
     res_blocks: int = 1  # 2-D residual blocks per resolution level
     # Causal temporal residual blocks at the latent frame rate; each adds 2 * (kernel_t - 1) latent frames to
@@ -29,6 +34,23 @@ class VAEConfig:
     output_norm: bool = False
     spatial_factor: int = 8
     temporal_factor: int = 4
+    # Parameter-free residual shortcuts around every change of resolution (space-to-channel in the encoder,
+    # channel-to-space in the decoder) and between the features and the latents, as in deep-compression
+    # autoencoders: the convolutions then learn only what the rearranged pixels miss, which trains a small
+    # VAE much faster. Off for checkpoints trained without them.
+    shortcuts: bool = False
+
+    def __post_init__(self) -> None:
+        stages = 2 ** (len(self.channels) - 1)
+        if self.spatial_factor != stages:
+            raise ValueError(f"vae.spatial_factor: {self.spatial_factor} does not match vae.channels "
+                             f"{tuple(self.channels)}: {len(self.channels)} levels downsample by {stages}")
+        if self.shortcuts:
+            pairs = list(zip(self.channels, self.channels[1:]))
+            if any((4 * a) % b or (4 * b) % a for a, b in pairs) or self.channels[-1] % self.latent_channels:
+                raise ValueError(f"vae.channels: {tuple(self.channels)} with shortcuts needs each level's channels "
+                                 f"to divide four times its neighbour's and the last to be a multiple of "
+                                 f"vae.latent_channels ({self.latent_channels})")
 
     @property
     def decode_context(self) -> int:
@@ -75,6 +97,14 @@ class ModelConfig:
     # Latents are stored normalised: z = (vae_mean - latent_shift) * latent_scale (set after VAE training).
     latent_shift: float = 0.0
     latent_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Frames are sized in multiples of FRAME_MULTIPLE everywhere (job specs, the planner, the store); the
+        # VAE's downsampling times the DiT's patch must divide it so every such size maps to whole patches.
+        multiple = self.vae.spatial_factor * self.dit.patch
+        if FRAME_MULTIPLE % multiple:
+            raise ValueError(f"dit.patch: {self.dit.patch} x vae.spatial_factor {self.vae.spatial_factor} = "
+                             f"{multiple} must divide the frame-size multiple {FRAME_MULTIPLE}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -145,7 +145,23 @@ class Trainer:
     def state_path(self) -> Path:
         return self.paths.state
 
+    def warm_start(self, source: Path) -> None:
+        """A fresh run's weights from another run or checkpoint: every tensor of the same name and shape.
+
+        For an architecture change that keeps most of the network (a new patch size or latent space keeps
+        the DiT's blocks): the copied blocks start from what they learnt, the rest from scratch.
+        """
+        state = warm_start_state(source, self.part)
+        own = self.module().state_dict()
+        taken = {k: v.to(own[k].dtype) for k, v in state.items() if k in own and own[k].shape == v.shape}
+        skipped = sorted(set(own) - set(taken))
+        self.module().load_state_dict({**own, **taken})
+        print(f"[{self.part}] warm start from {source}: {len(taken)} tensors copied, {len(skipped)} kept fresh "
+              f"({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})", flush=True)
+
     def resume(self) -> None:
+        if not self.state_path.is_file() and getattr(self.args, "init_from", None):
+            self.warm_start(Path(self.args.init_from))
         if self.state_path.is_file():
             state = torch.load(self.state_path, map_location="cpu", weights_only=False)
             self.module().load_state_dict(state["weights"])
@@ -483,6 +499,18 @@ def load_part(model: VideoModel, run: Path, part: str) -> dict:
     return json.loads(paths.meta.read_text()) if paths.meta.is_file() else {}
 
 
+def warm_start_state(source: Path, part: str) -> dict[str, torch.Tensor]:
+    """``part``'s weights in a run directory (``<run>/<part>/<part>.safetensors``) or a checkpoint directory."""
+    run_weights = RunPaths(source, part).weights
+    if run_weights.is_file():
+        return load_file(str(run_weights))
+    checkpoint = source / "model.safetensors"
+    if checkpoint.is_file():
+        prefix = f"{part}."
+        return {k[len(prefix):]: v.float() for k, v in load_file(str(checkpoint)).items() if k.startswith(prefix)}
+    raise FileNotFoundError(f"--init-from: neither {run_weights} nor {checkpoint} exists")
+
+
 def run_config(preset: str, run: Path) -> ModelConfig:
     """The architecture a run directory trains: recorded in ``<run>/model.json`` by its first command.
 
@@ -544,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="VAE weight of the edge and frame-to-frame difference loss")
     parser.add_argument("--decoder-only", action="store_true",
                         help="vae: train the decoder alone on the frozen encoder (the latent space stays fixed)")
+    parser.add_argument("--init-from", default=None, metavar="DIR",
+                        help="a fresh run starts from the tensors of the same name and shape in this run or "
+                             "checkpoint directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--save-every", type=int, default=100)

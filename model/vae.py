@@ -1,4 +1,4 @@
-"""Causal 3-D video VAE: ×8 in space, ×4 in time, the first frame encoded alone.
+"""Causal 3-D video VAE: ×4 or ×8 in space (``VAEConfig.spatial_factor``), ×4 in time, the first frame encoded alone.
 
 A video of ``1 + 4k`` frames maps to ``1 + k`` latent frames: latent 0 holds frame 0 only (so a still image is
 a one-frame video), latent ``i >= 1`` holds frames ``4i-3 .. 4i``. Frames are grouped four at a time into
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.config import VAEConfig
+from model.config import FRAME_MULTIPLE, VAEConfig
 
 
 class PixelNorm(nn.Module):
@@ -97,24 +97,57 @@ class CausalResBlock(nn.Module):
         return x + self.conv2(F.silu(self.norm2(h)))
 
 
+def space_to_channel(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Parameter-free ×2 downsampling to ``channels``: every 2x2 block's pixels become channels, then groups of
+    neighbouring channels are averaged (the residual shortcut of deep-compression autoencoders)."""
+    b, c, t, h, w = x.shape
+    y = F.pixel_unshuffle(x.transpose(1, 2).reshape(b * t, c, h, w), 2)  # (b*t, 4c, h/2, w/2)
+    y = y.reshape(b * t, channels, 4 * c // channels, h // 2, w // 2).mean(dim=2)
+    return y.reshape(b, t, channels, h // 2, w // 2).transpose(1, 2)
+
+
+def channel_to_space(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """The inverse shortcut: channels repeated to 4 * ``channels``, then rearranged into 2x2 pixel blocks."""
+    b, c, t, h, w = x.shape
+    y = x.transpose(1, 2).reshape(b * t, c, h, w).repeat_interleave(4 * channels // c, dim=1)
+    y = F.pixel_shuffle(y, 2)
+    return y.reshape(b, t, channels, 2 * h, 2 * w).transpose(1, 2)
+
+
+def channel_mean(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Groups of neighbouring channels averaged down to ``channels`` (B, C, T, H, W)."""
+    b, c, t, h, w = x.shape
+    return x.reshape(b, channels, c // channels, t, h, w).mean(dim=2)
+
+
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    """Stride-2 convolution from ``cin`` to ``cout`` channels, optionally plus the space-to-channel shortcut."""
+
+    def __init__(self, cin: int, cout: int | None = None, shortcut: bool = False):
         super().__init__()
-        self.conv = FrameConv(channels, channels, 3, stride=2, padding=1)
+        self.cout = cout or cin
+        self.conv = FrameConv(cin, self.cout, 3, stride=2, padding=1)
+        self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        y = self.conv(x)
+        return y + space_to_channel(x, self.cout) if self.shortcut else y
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int):
+    """Nearest ×2 then a convolution from ``cin`` to ``cout``, optionally plus the channel-to-space shortcut."""
+
+    def __init__(self, cin: int, cout: int | None = None, shortcut: bool = False):
         super().__init__()
-        self.conv = FrameConv(channels, channels, 3, padding=1)
+        self.cout = cout or cin
+        self.conv = FrameConv(cin, self.cout, 3, padding=1)
+        self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        x = F.interpolate(x.transpose(1, 2).reshape(b * t, c, h, w), scale_factor=2, mode="nearest")
-        return self.conv(x.reshape(b, t, c, 2 * h, 2 * w).transpose(1, 2))
+        y = F.interpolate(x.transpose(1, 2).reshape(b * t, c, h, w), scale_factor=2, mode="nearest")
+        y = self.conv(y.reshape(b, t, c, 2 * h, 2 * w).transpose(1, 2))
+        return y + channel_to_space(x, self.cout) if self.shortcut else y
 
 
 class Encoder(nn.Module):
@@ -124,12 +157,16 @@ class Encoder(nn.Module):
         self.conv_in = FrameConv(3 * tf, ch[0], 3, padding=1)
         layers: list[nn.Module] = []
         for level, c in enumerate(ch):
-            cin = ch[max(level - 1, 0)]
+            # With shortcuts the channel count changes in the downsampling layer, so that its shortcut carries
+            # all of the pixels into the new channels; without, in the next level's first residual block.
+            cin = c if cfg.shortcuts else ch[max(level - 1, 0)]
             for i in range(cfg.res_blocks):
                 layers.append(FrameResBlock(cin if i == 0 else c, c))
             if level < len(ch) - 1:
-                layers.append(Downsample(c))
+                layers.append(Downsample(c, ch[level + 1], shortcut=True) if cfg.shortcuts else Downsample(c))
         self.down = nn.Sequential(*layers)
+        self.latent_channels = cfg.latent_channels
+        self.shortcut = cfg.shortcuts
         self.temporal = nn.Sequential(*[CausalResBlock(ch[-1], cfg.kernel_t) for _ in range(cfg.encoder_temporal_blocks)])
         self.norm_out = PixelNorm(ch[-1]) if cfg.output_norm else nn.Identity()
         self.conv_out = FrameConv(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
@@ -140,7 +177,11 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3*tf, T_lat, H, W) -> (B, 2C, T_lat, h, w)
         x = self.down(self.conv_in(x))
         x = self.temporal(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        moments = self.conv_out(F.silu(self.norm_out(x)))
+        if self.shortcut:  # the mean also gets the features averaged down to the latent channels
+            mean, logvar = moments.chunk(2, dim=1)
+            moments = torch.cat([mean + channel_mean(x, self.latent_channels), logvar], dim=1)
+        return moments
 
 
 class Decoder(nn.Module):
@@ -152,18 +193,22 @@ class Decoder(nn.Module):
         layers: list[nn.Module] = []
         for level in reversed(range(len(ch))):
             c = ch[level]
-            cin = ch[min(level + 1, len(ch) - 1)]
+            cin = c if cfg.shortcuts else ch[min(level + 1, len(ch) - 1)]
             for i in range(cfg.res_blocks):
                 layers.append(FrameResBlock(cin if i == 0 else c, c))
             if level > 0:
-                layers.append(Upsample(c))
+                layers.append(Upsample(c, ch[level - 1], shortcut=True) if cfg.shortcuts else Upsample(c))
         self.up = nn.Sequential(*layers)
+        self.features = ch[-1]
+        self.shortcut = cfg.shortcuts
         self.norm_out = PixelNorm(ch[0]) if cfg.output_norm else nn.Identity()
         self.conv_out = FrameConv(ch[0], 3 * tf, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, C, T_lat, h, w) -> (B, 3*tf, T_lat, H, W)
-        x = self.temporal(self.conv_in(z))
-        x = self.up(x)
+        x = self.conv_in(z)
+        if self.shortcut:  # the latents repeated up to the feature channels
+            x = x + z.repeat_interleave(self.features // z.shape[1], dim=1)
+        x = self.up(self.temporal(x))
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
@@ -201,8 +246,8 @@ class CausalVAE(nn.Module):
 
     def check_size(self, height: int, width: int) -> None:
         for name, value in (("height", height), ("width", width)):
-            if value % 16 or value <= 0:
-                raise ValueError(f"{name}: frame size must be a positive multiple of 16, got {value}")
+            if value % FRAME_MULTIPLE or value <= 0:
+                raise ValueError(f"{name}: frame size must be a positive multiple of {FRAME_MULTIPLE}, got {value}")
 
     def encode_dist(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance, each (B, C, T_lat, h, w)."""

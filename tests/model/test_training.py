@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from model.generator import Generator, Window
 from model.train import gradient_loss, main, sample_window
@@ -71,6 +74,26 @@ def test_every_part_trains_resumes_and_exports(tmp_path, capsys):
     assert torch.isfinite(latents).all()
     frames = generator.decode(latents)
     assert tuple(frames.shape) == (5, 32, 32, 3)
+
+    # A new architecture (patch 1 instead of 2) warm-starts its DiT from the checkpoint: the blocks are
+    # copied, the patch embedding and output layer (new shapes) start fresh.
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    recorded = json.loads((run / "model.json").read_text())
+    recorded["dit"]["patch"] = 1
+    (run2 / "model.json").write_text(json.dumps(recorded))
+    for part in ("vae", "text"):
+        shutil.copytree(run / part, run2 / part)
+    capsys.readouterr()
+    assert main(["dit", "--preset", "tiny", "--run", str(run2), "--init-from", str(out), "--steps", "1",
+                 "--batch", "1", "--lr", "1e-12", "--ema", "0", "--warmup", "1"]) == 0
+    assert re.search(r"warm start from .*: \d+ tensors copied, [1-9]\d* kept fresh \(.*patch_embed",
+                     capsys.readouterr().out)
+    warm = load_file(str(run2 / "dit" / "dit.safetensors"))
+    shipped = {k[4:]: v.float() for k, v in load_file(str(out / "model.safetensors")).items() if k.startswith("dit.")}
+    block = next(k for k in warm if k.startswith("blocks.0.") and k.endswith("weight") and warm[k].ndim == 2)
+    torch.testing.assert_close(warm[block], shipped[block], rtol=0, atol=1e-3)
+    assert warm["patch_embed.weight"].shape != shipped["patch_embed.weight"].shape
 
 
 def test_a_run_keeps_the_architecture_it_started_with(tmp_path):

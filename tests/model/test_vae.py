@@ -1,6 +1,8 @@
 """Causal video VAE through the Generator facade: shapes, sizes, causality, chunked decoding."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -137,3 +139,35 @@ def test_decode_rejects_mismatched_latents(tiny_gen, long_latents):
         tiny_gen.decode(long_latents[4:6], context=torch.zeros(2, 4, 4, 4))
     with pytest.raises(ValueError, match="frames: expected uint8"):
         tiny_gen.encode(np.zeros((1, 16, 16, 3), dtype=np.float32))
+
+
+@pytest.mark.parametrize("shortcuts", [False, True])
+def test_a_x4_vae_with_patch_4_keeps_every_frame_size_whole(shortcuts):
+    """Three VAE levels downsample by 4; with DiT patches of 4 the latent grid still covers any 16-multiple.
+    The space-to-channel shortcuts work per frame, so the latents stay causal."""
+    from model.config import get_preset
+    from model.generator import Generator, VideoModel
+
+    tiny = get_preset("tiny")
+    cfg = tiny.replace(vae=dataclasses.replace(tiny.vae, channels=(8, 16, 16), spatial_factor=4, shortcuts=shortcuts),
+                       dit=dataclasses.replace(tiny.dit, patch=4))
+    torch.manual_seed(0)
+    gen = Generator(VideoModel(cfg), device="cpu")
+    assert gen.latent_size(48, 80) == (12, 20)
+    z = gen.encode(clip(5, 48, 80, seed=1))
+    assert z.shape == (2, cfg.vae.latent_channels, 12, 20)
+    assert gen.decode(z).shape == (5, 48, 80, 3)
+    changed = clip(9, 48, 80, seed=1)
+    changed[5:] = 0
+    torch.testing.assert_close(gen.encode(changed)[:2], z, rtol=0, atol=1e-5)
+
+
+def test_spatial_factor_must_match_the_levels_and_the_patch():
+    from model.config import DiTConfig, ModelConfig, VAEConfig
+
+    with pytest.raises(ValueError, match=r"vae.spatial_factor: 8 does not match vae.channels \(8, 8, 16\)"):
+        VAEConfig(channels=(8, 8, 16), spatial_factor=8)
+    with pytest.raises(ValueError, match=r"dit.patch: 4 x vae.spatial_factor 8 = 32 must divide .* 16"):
+        ModelConfig(preset="tiny", dit=DiTConfig(patch=4))
+    with pytest.raises(ValueError, match=r"vae.channels: \(8, 48\) with shortcuts"):
+        VAEConfig(channels=(8, 48), spatial_factor=2, shortcuts=True)
