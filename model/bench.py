@@ -363,6 +363,9 @@ def measure_base_utilisation(device: torch.device, *, rows: int = 32, cols: int 
 
 
 # --------------------------------------------------------------------------------------------------- CLI
+DEFAULT_FRAME_SIZE = (144, 256)  # frames the default latent size corresponds to
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         rows, cols = (int(v) for v in text.lower().split("x"))
@@ -395,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", type=_history, default=[0, 16, 64, 256],
                    help="history (observed) frame counts, comma-separated (default: 0,16,64,256)")
     p.add_argument("--latent-frames", type=int, default=8, help="latent frames being denoised (default: 8)")
-    p.add_argument("--size", type=_size, default=(18, 32),
-                   help="latent size HxW (default: 18x32, i.e. 144x256 frames)")
+    p.add_argument("--size", type=_size, default=None,
+                   help="latent size HxW (default: that of 144x256 frames under the preset's VAE, e.g. 36x64 "
+                        "for a x4 VAE)")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed runs per measurement, taken round-robin; the median is reported (default: 5)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -411,8 +415,9 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--latent-frames: must be at least 1, got {args.latent_frames}")
     if args.repeats < 1:
         raise ValueError(f"--repeats: must be at least 1, got {args.repeats}")
-    rows, cols = args.size
     cfg = get_preset(args.preset)
+    rows, cols = args.size or (DEFAULT_FRAME_SIZE[0] // cfg.vae.spatial_factor,
+                               DEFAULT_FRAME_SIZE[1] // cfg.vae.spatial_factor)
     if rows % cfg.dit.patch or cols % cfg.dit.patch:
         raise ValueError(f"--size: latent height and width must be multiples of the patch size "
                          f"{cfg.dit.patch}, got {rows}x{cols}")
