@@ -341,6 +341,25 @@ class FrameInputs:
     noise: torch.Tensor  # (F,) float noise level t in [0, 1]; 0 for observed frames
 
 
+class RefineHead(nn.Module):
+    """Residual 3x3 convolutions over each frame's velocity and its input latents (F, C, h, w)."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2 * channels, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.conv1.weight, a=5 ** 0.5)
+        nn.init.zeros_(self.conv1.bias)
+        nn.init.zeros_(self.conv2.weight)  # the identity at first: a warm-started DiT keeps its predictions
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, velocity: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([velocity, frames.to(velocity.dtype)], dim=1)
+        return velocity + self.conv2(F.silu(self.conv1(x)))
+
+
 class VideoDiT(nn.Module):
     def __init__(self, cfg: DiTConfig, latent_channels: int, text_dim: int, text_pooled_dim: int):
         super().__init__()
@@ -357,6 +376,7 @@ class VideoDiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(cfg, text_dim) for _ in range(cfg.depth)])
         self.ada = nn.ModuleList([nn.Sequential(nn.SiLU(), nn.Linear(d, 9 * d)) for _ in range(cfg.depth)])
         self.final = FinalLayer(d, latent_channels * p * p)
+        self.refine = RefineHead(latent_channels, cfg.refine) if cfg.refine else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -379,6 +399,8 @@ class VideoDiT(nn.Module):
         nn.init.zeros_(self.final.ada[-1].bias)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
+        if self.refine is not None:
+            self.refine.reset_parameters()
 
     # -- patches ------------------------------------------------------------------------------------------
     def patchify(self, frames: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
@@ -444,7 +466,8 @@ class VideoDiT(nn.Module):
         outs, start = [], 0
         for (f, h, w), win in zip(shapes, windows):
             n = f * h * w
-            outs.append(self.unpatchify(x[start:start + n], f, win.frames.shape[2], win.frames.shape[3]))
+            out = self.unpatchify(x[start:start + n], f, win.frames.shape[2], win.frames.shape[3])
+            outs.append(out if self.refine is None else self.refine(out, win.frames))
             start += n
         return outs
 

@@ -195,3 +195,34 @@ def test_mismatched_latent_shapes_are_rejected(dit):
     short_times = FrameInputs(good.frames, good.observed, torch.tensor([0]), good.noise)
     with pytest.raises(ValueError, match=r"times: expected shape \(2,\)"):
         run(dit, [short_times])
+
+
+def test_refine_head_starts_as_the_identity_then_sees_across_patch_borders():
+    """A warm-started DiT with a new refine head predicts what it did; once trained, the head mixes
+    neighbouring pixels of the output, across the borders between the patches that tokens predict alone."""
+    import dataclasses
+
+    base = make_dit(seed=3)
+    torch.manual_seed(3)
+    refined = VideoDiT(dataclasses.replace(CFG, refine=8), CHANNELS, TEXT_DIM, POOLED_DIM).eval()
+    state = base.state_dict()
+    refined.load_state_dict({**refined.state_dict(), **state})
+    win = window([0, 3, 7], [True, False, False])
+    (expected,) = run(base, [win])
+    (same,) = run(refined, [win])
+    torch.testing.assert_close(same, expected, rtol=0, atol=0)
+
+    torch.nn.init.normal_(refined.refine.conv2.weight, std=0.1)
+    (changed,) = run(refined, [win])
+    delta = changed - expected
+    assert delta.abs().amax() > 1e-3
+    # Tokens predict 2x2 patches alone (tiny preset); the head lets a pixel on one side of a patch border
+    # change the prediction on the other side.
+    head = refined.refine
+    velocity = torch.zeros(1, CHANNELS, 8, 8)
+    bumped = velocity.clone()
+    bumped[0, :, 3, 3] = 1.0  # last row/column of patch (1, 1)
+    frames = torch.zeros(1, CHANNELS, 8, 8)
+    with torch.no_grad():
+        difference = head(bumped, frames) - head(velocity, frames) - (bumped - velocity)
+    assert difference[0, :, 4, 4].abs().amax() > 1e-4  # first row/column of patch (2, 2)
