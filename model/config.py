@@ -36,8 +36,8 @@ class VAEConfig:
     temporal_factor: int = 4
     # Parameter-free residual shortcuts around every change of resolution (space-to-channel in the encoder,
     # channel-to-space in the decoder) and between the features and the latents, as in deep-compression
-    # autoencoders: the convolutions then learn only what the rearranged pixels miss, which trains a small
-    # VAE much faster. Off for checkpoints trained without them.
+    # autoencoders, so the convolutions learn only what the rearranged pixels miss. Off in every preset: on the
+    # x4 demo VAE they held training near 12 dB for 400 steps where the plain VAE reached 15 dB.
     shortcuts: bool = False
 
     def __post_init__(self) -> None:
