@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from model.config import ModelConfig, get_preset, preset_names
 from model.dit import FrameInputs
 from model.flow import flow_loss, noisy, sample_training_times
-from model.generator import Generator, VideoModel, _quiet_open_clip
+from model.generator import WEIGHTS_FILE, Generator, VideoModel, _quiet_open_clip
 from model.world import EVAL_SEED_BASE, caption, render_frames, sample_world
 
 PARTS = ("vae", "text", "dit")
@@ -160,7 +160,7 @@ class Trainer:
               f"({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})", flush=True)
 
     def resume(self) -> None:
-        if not self.state_path.is_file() and getattr(self.args, "init_from", None):
+        if not self.state_path.is_file() and self.args.init_from:
             self.warm_start(Path(self.args.init_from))
         if self.state_path.is_file():
             state = torch.load(self.state_path, map_location="cpu", weights_only=False)
@@ -504,10 +504,10 @@ def warm_start_state(source: Path, part: str) -> dict[str, torch.Tensor]:
     run_weights = RunPaths(source, part).weights
     if run_weights.is_file():
         return load_file(str(run_weights))
-    checkpoint = source / "model.safetensors"
+    checkpoint = source / WEIGHTS_FILE
     if checkpoint.is_file():
         prefix = f"{part}."
-        return {k[len(prefix):]: v.float() for k, v in load_file(str(checkpoint)).items() if k.startswith(prefix)}
+        return {k[len(prefix):]: v for k, v in load_file(str(checkpoint)).items() if k.startswith(prefix)}
     raise FileNotFoundError(f"--init-from: neither {run_weights} nor {checkpoint} exists")
 
 
