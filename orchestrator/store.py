@@ -56,6 +56,11 @@ class StoreError(RuntimeError):
     """The job store cannot be used as asked (missing, unreadable, or a write did not land)."""
 
 
+class StoreIncomplete(StoreError, ValueError):
+    """The job group exists but its layout does not: its creation was interrupted, or is still under way.
+    Bad input like StoreMismatch (the CLI exits 2): rendering again with --force recreates it."""
+
+
 class StoreWriteError(StoreError, OSError):
     """Writing to the job store failed (full disk, read-only mount, permissions...). Finished work is kept."""
 
@@ -166,7 +171,14 @@ class JobStore:
                 f"{url} uses job store format {attrs['longshot_format']}; this version reads {FORMAT_VERSION}"
             )
         self.attrs = attrs
-        self.latents: zarr.Array = group["latents"]
+        try:
+            self.latents: zarr.Array = group["latents"]
+        except KeyError as err:
+            # Creation writes the group's attributes first, then the arrays: a render killed in between (or a
+            # reader racing one that is starting) sees a group without latents. Nothing was generated into it.
+            raise StoreIncomplete(f"{url} is an incomplete job store (no latents array): its creation was "
+                                  f"interrupted or is still under way; render again with --force to "
+                                  f"recreate it") from err
 
     # -- creation and opening ----------------------------------------------------------------------------------
 
@@ -220,12 +232,18 @@ class JobStore:
         plan, model or shape differs is refused with StoreMismatch unless `force`, which replaces it.
         """
         if is_store(url):
-            existing = cls.open(url)
-            differences = existing.differences(content=content, plan=plan, model=model, latent_shape=latent_shape)
-            if not differences:
-                return existing
-            if not force:
-                raise StoreMismatch(url, differences)
+            try:
+                existing = cls.open(url)
+            except StoreIncomplete:
+                if not force:
+                    raise
+            else:
+                differences = existing.differences(content=content, plan=plan, model=model,
+                                                   latent_shape=latent_shape)
+                if not differences:
+                    return existing
+                if not force:
+                    raise StoreMismatch(url, differences)
             remove_store(url)
         else:
             ensure_empty_location(url)

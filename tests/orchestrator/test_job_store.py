@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import uuid
 
 import numpy as np
@@ -17,6 +18,7 @@ from orchestrator.store import (
     JobStore,
     PathNotWritable,
     StoreError,
+    StoreIncomplete,
     StoreMismatch,
     StoreWriteError,
     check_writable,
@@ -179,6 +181,22 @@ def test_a_store_of_another_job_is_refused_unless_forced(tmp_path):
                                  model=MODEL, latent_shape=SHAPE, force=True)
     assert replaced.differences(content=other) == {}
     assert not replaced.task_done("L0-T000", [0])  # the old job's work is gone
+
+
+def test_a_store_whose_creation_was_cut_short_is_named_so_and_recreated_only_with_force(tmp_path):
+    url = str(tmp_path / "job.zarr")
+    make_store(url)
+    # What a render killed between writing the group's attributes and its arrays leaves behind.
+    for path in sorted((tmp_path / "job.zarr").iterdir()):
+        if path.is_dir():
+            shutil.rmtree(path)
+    with pytest.raises(StoreIncomplete, match=r"job.zarr is an incomplete job store .*--force"):
+        JobStore.open(url)
+    with pytest.raises(StoreIncomplete):
+        JobStore.open_for(url, spec=SPEC, content=CONTENT, plan=PLAN, model=MODEL, latent_shape=SHAPE)
+    recreated = JobStore.open_for(url, spec=SPEC, content=CONTENT, plan=PLAN, model=MODEL, latent_shape=SHAPE,
+                                  force=True)
+    assert tuple(recreated.latents.shape) == SHAPE
 
 
 def test_a_directory_that_is_not_a_store_is_never_replaced(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 from orchestrator import media
 from orchestrator.run import render
-from orchestrator.store import JobStore
+from orchestrator.store import JobStore, StoreIncomplete
 from render_helpers import FAULT
 
 pytestmark = pytest.mark.timeout(420)
@@ -56,7 +56,11 @@ def test_sigkill_of_the_whole_render_then_resume_gives_the_same_video(fault_refe
         while time.monotonic() < deadline:
             assert render_proc.poll() is None, "the render ended before it could be killed"
             if total is None and os.path.exists(store_dir / "zarr.json"):
-                total = len(JobStore.open(str(store_dir)).plan["tasks"])
+                try:
+                    total = len(JobStore.open(str(store_dir)).plan["tasks"])
+                except StoreIncomplete:
+                    pass  # the render is still creating its store
+
             done = markers(store_dir)
             if total and 2 <= len(done) < total:
                 break
