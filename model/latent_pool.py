@@ -1,0 +1,214 @@
+"""A pool of world clips encoded once by the VAE, for DiT training: ``longshot train latents``.
+
+Half of a DiT training step on the CPU went into drawing world frames and encoding them, and on a GPU that
+CPU work is all there is. The pool pays it once: each clip (a seeded world at one frame size, frame rate and
+length, as the DiT trainer draws them) is encoded whole and kept in a Zarr group, one float16 array of raw
+latent means per clip, chunked along time so that a training window reads just its own frames. Training then
+draws its FDM windows from the pool's clips (``longshot train dit --latents``).
+
+The latents belong to one VAE encoder: the group records a digest of the encoder's weights, and a trainer
+whose encoder differs is refused (rebuild the pool with ``--rebuild``). Building is resumable: a clip array is
+marked complete only after all its frames are written, and a rerun skips complete clips and redoes the rest;
+asking for more clips extends the pool.
+
+    <pool>.zarr/
+        zarr.json            group attributes: format, encoder digest, latent channels, spatial factor
+        clip-00000/          float16 (latent frames, channels, height, width); attributes: world seed, fps,
+        clip-00001/          seconds, width, height, caption, complete
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from model.world import EVAL_SEED_BASE, caption, render_frames, sample_world
+
+POOL_FORMAT = 1
+# Latent frames per chunk: a window reads a few chunks; a chunk at 128x80 is 16 x 4 x 20 x 32 halves (80 kB).
+CHUNK_FRAMES = 16
+# Latent frames encoded in one call while building (bounds the memory of the rendered frames).
+ENCODE_BATCH = 32
+
+
+class PoolMismatch(ValueError):
+    """The pool was encoded by another VAE encoder (or holds another latent layout)."""
+
+
+def frames_of_latent(i: int) -> list[int]:
+    """Video frames that latent frame i covers (latent 0 holds frame 0 alone)."""
+    return [0] if i == 0 else list(range(4 * i - 3, 4 * i + 1))
+
+
+def num_latents(seconds: float, fps: int) -> int:
+    """Latent frames of a clip of ``seconds`` at ``fps``: frame 0 alone, then groups of four."""
+    return 1 + (int(round(seconds * fps)) - 1 + 3) // 4
+
+
+def to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float (3, T, H, W) in [-1, 1]."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def encode_groups(vae: torch.nn.Module, spec, times: list[int], fps: int, width: int,
+                  height: int) -> torch.Tensor:
+    """Raw latent means (n, C, h, w) of the latent frames at absolute indices ``times``, each from its own frames.
+
+    The encoder mixes no latent frames, so encoding a frame's four video frames alone gives exactly what
+    encoding the whole clip gives; frame 0 is encoded alone, repeated four times as the encoder pads it.
+    """
+    groups = []
+    for i in times:
+        frames = render_frames(spec, frames_of_latent(i), fps=fps, width=width, height=height)
+        if i == 0:
+            frames = np.repeat(frames, 4, axis=0)
+        groups.append(to_pixels(frames))
+    video = torch.stack(groups)  # (n, 3, 4, H, W)
+    n, tf = video.shape[0], video.shape[2]
+    packed = video.reshape(n, 3, 1, tf, height, width).permute(0, 3, 1, 2, 4, 5).reshape(n, 3 * tf, 1, height, width)
+    moments = vae.encoder(packed)
+    return moments.chunk(2, dim=1)[0][:, :, 0]
+
+
+def encoder_digest(vae: torch.nn.Module) -> str:
+    """A short digest of the encoder's weights: the identity of the latent space a pool was built in."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """What one pool clip is: drawn from the same distribution as the DiT trainer's on-the-fly clips."""
+
+    index: int
+    world_seed: int
+    fps: int
+    seconds: int
+    width: int
+    height: int
+
+    @property
+    def num_latents(self) -> int:
+        return num_latents(self.seconds, self.fps)
+
+
+def clip_spec(index: int, seed: int, sizes: tuple[tuple[int, int], ...]) -> ClipSpec:
+    """Clip ``index`` of a pool built with ``seed``: frame sizes in turn, the rest seeded per clip."""
+    rng = random.Random(f"{seed}:{index}")
+    width, height = sizes[index % len(sizes)]
+    return ClipSpec(index=index, world_seed=rng.randrange(EVAL_SEED_BASE), fps=rng.choice((12, 24, 24, 30)),
+                    seconds=rng.choice((60, 60, 30, 10)), width=width, height=height)
+
+
+def _clip_name(index: int) -> str:
+    return f"clip-{index:05d}"
+
+
+class LatentPool:
+    """An open pool: its clips by frame size, their latents read lazily and kept in memory."""
+
+    def __init__(self, path: str | Path, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+        self.attrs = group.attrs.asdict()
+        self.clips: dict[tuple[int, int], list[tuple[str, dict]]] = {}
+        for name, array in sorted(group.arrays()):
+            attrs = array.attrs.asdict()
+            if attrs.get("complete"):
+                self.clips.setdefault((attrs["width"], attrs["height"]), []).append((name, attrs))
+        self._cache: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def open(cls, path: str | Path, vae: torch.nn.Module | None = None) -> "LatentPool":
+        """Open a pool for reading; with ``vae``, refuse it unless that encoder built it."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise FileNotFoundError(f"latents: no latent pool at {path}; build it with "
+                                    f"`longshot train latents --run <run>`")
+        pool = cls(path, zarr.open_group(str(path), mode="r"))
+        if pool.attrs.get("format") != POOL_FORMAT:
+            raise PoolMismatch(f"latents: pool {path} has format {pool.attrs.get('format')!r}, "
+                               f"this version reads {POOL_FORMAT}; rebuild it with --rebuild")
+        if vae is not None:
+            own = encoder_digest(vae)
+            if pool.attrs.get("encoder") != own:
+                raise PoolMismatch(f"latents: pool {path} was encoded by VAE encoder {pool.attrs.get('encoder')}, "
+                                   f"the run's encoder is {own}; rebuild it with "
+                                   f"`longshot train latents --rebuild`")
+        if not pool.clips:
+            raise ValueError(f"latents: pool {path} has no complete clip yet")
+        return pool
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        return sorted(self.clips)
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self.clips.values())
+
+    def latents(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            self._cache[name] = self.group[name][:]
+        return self._cache[name]
+
+    def draw(self, rng: random.Random, size: tuple[int, int]) -> tuple[dict, np.ndarray]:
+        """A random clip of frame size ``size``: its attributes and raw latents (frames, C, h, w)."""
+        name, attrs = rng.choice(self.clips[size])
+        return attrs, self.latents(name)
+
+
+def build_pool(vae: torch.nn.Module, path: str | Path, clips: int, *, sizes: tuple[tuple[int, int], ...],
+               seed: int = 0, rebuild: bool = False, log=print) -> LatentPool:
+    """Encode clips ``0 .. clips-1`` into the pool at ``path`` (creating, resuming or extending it)."""
+    if clips < 1:
+        raise ValueError(f"clips: {clips} must be at least 1")
+    path = Path(path)
+    vae = vae.eval()
+    digest = encoder_digest(vae)
+    latent_channels = vae.cfg.latent_channels
+    factor = vae.cfg.spatial_factor
+    attributes = {"format": POOL_FORMAT, "encoder": digest, "seed": seed, "latent_channels": latent_channels,
+                  "spatial_factor": factor}
+    if rebuild or not (path / "zarr.json").is_file():
+        group = zarr.open_group(str(path), mode="w", attributes=attributes)
+    else:
+        group = zarr.open_group(str(path), mode="r+")
+        have = group.attrs.asdict()
+        if have.get("encoder") != digest or have.get("format") != POOL_FORMAT or have.get("seed") != seed:
+            raise PoolMismatch(f"latents: pool {path} was built with encoder {have.get('encoder')}, seed "
+                               f"{have.get('seed')} (format {have.get('format')}); this run has encoder {digest}, "
+                               f"seed {seed}: pass --rebuild to replace it")
+    existing = {name: array.attrs.asdict().get("complete", False) for name, array in group.arrays()}
+    todo = [i for i in range(clips) if not existing.get(_clip_name(i))]
+    log(f"[latents] {path}: {clips - len(todo)} of {clips} clips already encoded, {len(todo)} to go")
+    start = time.time()
+    for done, index in enumerate(todo, 1):
+        clip = clip_spec(index, seed, sizes)
+        spec = sample_world(clip.world_seed)
+        n = clip.num_latents
+        h, w = clip.height // factor, clip.width // factor
+        array = group.create_array(_clip_name(index), shape=(n, latent_channels, h, w), dtype="float16",
+                                   chunks=(CHUNK_FRAMES, latent_channels, h, w), overwrite=True,
+                                   attributes={"world_seed": clip.world_seed, "fps": clip.fps,
+                                               "seconds": clip.seconds, "width": clip.width,
+                                               "height": clip.height, "caption": caption(spec),
+                                               "complete": False})
+        for lo in range(0, n, ENCODE_BATCH):
+            times = list(range(lo, min(n, lo + ENCODE_BATCH)))
+            means = encode_groups(vae, spec, times, clip.fps, clip.width, clip.height)
+            array[lo:lo + len(times)] = means.to(torch.float16).numpy()
+        array.attrs["complete"] = True  # only now does the clip count
+        rate = done / max(time.time() - start, 1e-9)
+        log(f"[latents] clip {index} ({clip.width}x{clip.height}, {clip.seconds} s at {clip.fps} fps, {n} latent "
+            f"frames) done; {done}/{len(todo)}, eta {(len(todo) - done) / rate / 60:.1f} min")
+    return LatentPool.open(path, vae)

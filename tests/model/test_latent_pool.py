@@ -1,0 +1,85 @@
+"""The latent pool: world clips encoded once into Zarr, read back as the DiT trainer's windows."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from model.config import get_preset
+from model.generator import VideoModel, _quiet_open_clip
+from model.latent_pool import LatentPool, PoolMismatch, build_pool, clip_spec, encode_groups
+from model.train import main
+from model.world import sample_world
+
+SIZES = ((32, 32), (48, 32))
+
+
+def tiny_vae(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    with _quiet_open_clip():
+        return VideoModel(get_preset("tiny")).vae.eval()
+
+
+@pytest.mark.timeout(120)
+def test_pool_holds_each_clip_as_encoded_on_the_fly_and_resumes_after_a_cut(tmp_path):
+    vae = tiny_vae(0)
+    path = tmp_path / "pool.zarr"
+    pool = build_pool(vae, path, 2, sizes=SIZES, seed=7, log=lambda line: None)
+    assert len(pool) == 2 and pool.sizes == sorted(SIZES)
+
+    rng = random.Random(0)
+    for index in range(2):
+        clip = clip_spec(index, 7, SIZES)
+        attrs, latents = pool.draw(rng, (clip.width, clip.height))
+        assert attrs["world_seed"] == clip.world_seed and latents.shape[0] == clip.num_latents
+        assert latents.dtype == np.float16
+        times = sorted(rng.sample(range(clip.num_latents), 5)) + [0]
+        expected = encode_groups(vae, sample_world(clip.world_seed), sorted(set(times)), clip.fps, clip.width,
+                                 clip.height)
+        torch.testing.assert_close(torch.from_numpy(latents[sorted(set(times))]).float(), expected,
+                                   rtol=1e-2, atol=1e-2)
+
+    # A build cut short leaves its last clip incomplete: it is not drawn from, and the next build redoes it
+    # (and only it) while extending the pool.
+    zarr.open_array(str(path / "clip-00001"), mode="r+").attrs["complete"] = False
+    assert len(LatentPool.open(path, vae)) == 1
+    lines: list[str] = []
+    pool = build_pool(vae, path, 3, sizes=SIZES, seed=7, log=lines.append)
+    assert "1 of 3 clips already encoded, 2 to go" in lines[0]
+    assert len(pool) == 3
+
+
+@pytest.mark.timeout(120)
+def test_a_pool_from_another_encoder_is_refused_until_rebuilt(tmp_path):
+    path = tmp_path / "pool.zarr"
+    build_pool(tiny_vae(0), path, 1, sizes=SIZES, seed=0, log=lambda line: None)
+    other = tiny_vae(1)
+    with pytest.raises(PoolMismatch, match="was encoded by VAE encoder .* rebuild"):
+        LatentPool.open(path, other)
+    with pytest.raises(PoolMismatch, match="--rebuild"):
+        build_pool(other, path, 1, sizes=SIZES, seed=0, log=lambda line: None)
+    with pytest.raises(FileNotFoundError, match="no latent pool"):
+        LatentPool.open(tmp_path / "missing.zarr")
+    assert len(build_pool(other, path, 1, sizes=SIZES, seed=0, rebuild=True, log=lambda line: None)) == 1
+    assert len(LatentPool.open(path, other)) == 1
+
+
+@pytest.mark.timeout(300)
+def test_the_dit_trains_on_pool_windows(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--preset", "tiny", "--run", str(run), "--log-every", "1", "--warmup", "1"]
+    assert main(["vae", *common, "--steps", "1", "--batch", "1"]) == 0
+    assert main(["text", *common, "--steps", "1", "--batch", "2"]) == 0
+    assert main(["latents", *common, "--clips", "2"]) == 0
+    assert (run / "latents.zarr" / "clip-00001").is_dir()
+    capsys.readouterr()
+    assert main(["dit", *common, "--steps", "2", "--batch", "2", "--latents"]) == 0
+    out = capsys.readouterr().out
+    assert "windows from 2 pool clips" in out and "step 2/2" in out
+    # A VAE trained further has another latent space: its DiT refuses the old pool.
+    assert main(["vae", *common, "--steps", "2", "--batch", "1"]) == 0
+    with pytest.raises(PoolMismatch):
+        main(["dit", *common, "--steps", "3", "--batch", "2", "--latents"])
