@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.generator import Generator, Window
-from model.train import gradient_loss, main, sample_window
+from model.train import gradient_loss, main, sample_window, seam_loss
 
 
 def test_training_windows_fit_the_model_and_practise_neighbouring_latents():
@@ -45,6 +45,23 @@ def test_gradient_loss_sees_a_moved_object_that_colour_alone_would_forgive():
     assert gradient_loss(moved, video).item() > gradient_loss(smooth, video).item()
 
 
+def test_seam_loss_sees_errors_that_change_where_latent_frames_meet():
+    torch.manual_seed(0)
+    video = torch.rand(2, 3, 9, 8, 8) * 2 - 1  # frame 0, then latent frames 1-4 and 5-8
+    assert seam_loss(video, video, 4).item() == 0.0
+    steady = video + 0.1 * torch.randn(2, 3, 1, 8, 8)  # one error pattern held by every frame
+    assert seam_loss(steady, video, 4).item() == pytest.approx(0.0, abs=1e-6)
+    flicker = video.clone()  # each latent frame's four frames share an error pattern of their own
+    for first in (0, 1, 5):
+        span = 1 if first == 0 else 4
+        flicker[:, :, first:first + span] += 0.1 * torch.randn(2, 3, 1, 8, 8)
+    assert seam_loss(flicker, video, 4).item() > 0.05
+    # The same kind of error inside latent frames only (frames 2 and 3 of the first) is not a seam.
+    inside = video.clone()
+    inside[:, :, 2:4] += 0.1 * torch.randn(2, 3, 1, 8, 8)
+    assert seam_loss(inside, video, 4).item() == 0.0
+
+
 @pytest.mark.timeout(300)
 def test_every_part_trains_resumes_and_exports(tmp_path, capsys):
     run = tmp_path / "run"
@@ -57,7 +74,7 @@ def test_every_part_trains_resumes_and_exports(tmp_path, capsys):
     meta = json.loads((run / "vae" / "vae.json").read_text())
     assert meta["step"] == 3 and meta["latent_scale"] > 0
 
-    assert main(["vae", *common, "--steps", "1", "--batch", "1", "--decoder-only"]) == 0
+    assert main(["vae", *common, "--steps", "1", "--batch", "1", "--decoder-only", "--seam", "4"]) == 0
     assert main(["text", *common, "--steps", "2", "--batch", "4"]) == 0
     assert main(["dit", *common, "--steps", "2", "--batch", "2"]) == 0
     out = tmp_path / "checkpoint"
