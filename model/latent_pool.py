@@ -35,6 +35,9 @@ POOL_FORMAT = 1
 CHUNK_FRAMES = 16
 # Latent frames encoded in one call while building (bounds the memory of the rendered frames).
 ENCODE_BATCH = 32
+# Frame rates and lengths (seconds) of the DiT's training clips, pooled or drawn on the fly (repeats weigh).
+CLIP_FPS = (12, 24, 24, 30)
+CLIP_SECONDS = (60, 60, 30, 10)
 
 
 class PoolMismatch(ValueError):
@@ -106,8 +109,8 @@ def clip_spec(index: int, seed: int, sizes: tuple[tuple[int, int], ...]) -> Clip
     """Clip ``index`` of a pool built with ``seed``: frame sizes in turn, the rest seeded per clip."""
     rng = random.Random(f"{seed}:{index}")
     width, height = sizes[index % len(sizes)]
-    return ClipSpec(index=index, world_seed=rng.randrange(EVAL_SEED_BASE), fps=rng.choice((12, 24, 24, 30)),
-                    seconds=rng.choice((60, 60, 30, 10)), width=width, height=height)
+    return ClipSpec(index=index, world_seed=rng.randrange(EVAL_SEED_BASE), fps=rng.choice(CLIP_FPS),
+                    seconds=rng.choice(CLIP_SECONDS), width=width, height=height)
 
 
 def _clip_name(index: int) -> str:

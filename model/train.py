@@ -38,7 +38,8 @@ from model.config import ModelConfig, get_preset, preset_names
 from model.dit import FrameInputs
 from model.flow import flow_loss, noisy, sample_training_times
 from model.generator import WEIGHTS_FILE, Generator, VideoModel, _quiet_open_clip
-from model.latent_pool import LatentPool, build_pool, encode_groups, num_latents, to_pixels
+from model.latent_pool import (CLIP_FPS, CLIP_SECONDS, LatentPool, build_pool, encode_groups, num_latents,
+                               to_pixels)
 from model.world import EVAL_SEED_BASE, caption, render_frames, sample_world
 
 PARTS = ("vae", "text", "dit")
@@ -301,7 +302,7 @@ class VAETrainer(Trainer):
         psnr = 10 * torch.log10(4.0 / mse.detach().clamp(min=1e-10))  # pixels span [-1, 1]
         edges = gradient_loss(recon, video)
         seams = seam_loss(recon, video, self.model.cfg.vae.temporal_factor)
-        loss = l1 + mse + self.args.edge * edges + getattr(self.args, "seam", 0.0) * seams + self.args.kl * kl
+        loss = l1 + mse + self.args.edge * edges + self.args.seam * seams + self.args.kl * kl
         return loss, {"psnr": psnr.item(), "kl": kl.item(), "edges": edges.item(), "seams": seams.item()}
 
     @torch.no_grad()
@@ -441,7 +442,7 @@ class DiTTrainer(Trainer):
         self.shift = model.cfg.flow.shift
         # Windows come from the pre-encoded clips of a latent pool when one is given (see model.latent_pool),
         # else from clips drawn and encoded on the fly.
-        self.pool = LatentPool.open(args.latents, model.vae) if getattr(args, "latents", None) else None
+        self.pool = LatentPool.open(args.latents, model.vae) if args.latents else None
         if self.pool is not None:
             print(f"[dit] windows from {len(self.pool)} pool clips at {args.latents} "
                   f"(frame sizes {', '.join(f'{w}x{h}' for w, h in self.pool.sizes)})", flush=True)
@@ -475,18 +476,20 @@ class DiTTrainer(Trainer):
                 w, h = self.rng.choice(IMAGE_SIZES)
                 observed, latent = [], [0]
                 x0 = self.encode_latents(spec, [0], 24, w, h)
+                text = caption(spec)
             elif self.pool is not None:
                 attrs, clip = self.pool.draw(self.rng, video_size)
-                spec = sample_world(attrs["world_seed"])
                 observed, latent = sample_window(self.rng, len(clip), K)
                 x0 = self.normalise(torch.from_numpy(clip[sorted(observed + latent)]).float())
+                text = attrs["caption"]
             else:
                 spec = sample_world(self.rng.randrange(EVAL_SEED_BASE))
                 w, h = video_size
-                fps = self.rng.choice((12, 24, 24, 30))
-                seconds = self.rng.choice((60, 60, 30, 10))
+                fps = self.rng.choice(CLIP_FPS)
+                seconds = self.rng.choice(CLIP_SECONDS)
                 observed, latent = sample_window(self.rng, num_latents(seconds, fps), K)
                 x0 = self.encode_latents(spec, sorted(observed + latent), fps, w, h)
+                text = caption(spec)
             times = sorted(observed + latent)
             is_obs = torch.tensor([t in observed for t in times])
             t = sample_training_times(1, self.shift).expand(len(times)).clone()
@@ -495,7 +498,6 @@ class DiTTrainer(Trainer):
             xt = torch.where(is_obs[:, None, None, None], x0, noisy(x0, noise, t))
             windows.append(FrameInputs(xt, is_obs, torch.tensor(times), t))
             targets.append((x0, noise, ~is_obs))
-            text = caption(spec)
             prompts.append("" if self.rng.random() < self.model.cfg.flow.text_dropout else text)
         tokens, mask, pooled = self.text(prompts)
         outs = self.model.dit(windows, tokens, mask, pooled)
