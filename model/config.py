@@ -24,6 +24,13 @@ class VAEConfig:
     # Causal temporal residual blocks at the latent frame rate; each adds 2 * (kernel_t - 1) latent frames to
     # the decoder's receptive field.
     temporal_blocks: int = 1
+    # Causal temporal residual blocks at the video frame rate (0: none). With any, the decoder unpacks each
+    # latent into its frames right after the latent-rate blocks and runs every later layer per frame, so each
+    # frame has a feature map of its own and neighbouring frames mix across latent boundaries; without, the
+    # last layer emits all of a latent's frames from one feature map, and the video holds still for a latent's
+    # frames, then jumps (what the evaluation measured as seams). Costs about temporal_factor times the
+    # decoder's compute; adds ceil(2 * (kernel_t - 1) / temporal_factor) latent frames of context per block.
+    frame_blocks: int = 0
     # The encoder mixes no latent frames by default: each latent then depends only on its own four frames,
     # so training can encode frames sampled minutes apart without encoding everything in between.
     encoder_temporal_blocks: int = 0
@@ -55,7 +62,8 @@ class VAEConfig:
     @property
     def decode_context(self) -> int:
         """Earlier latent frames that a decoded range depends on (the decoder's causal receptive field)."""
-        return self.temporal_blocks * 2 * (self.kernel_t - 1)
+        frames = self.frame_blocks * 2 * (self.kernel_t - 1)
+        return self.temporal_blocks * 2 * (self.kernel_t - 1) + -(-frames // self.temporal_factor)
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,15 @@ class FlowConfig:
     # Probability of replacing the prompt by "" during training, so classifier-free guidance has an
     # unconditional model to contrast with.
     text_dropout: float = 0.1
+    # Share of the initial noise's variance common to every latent frame of a video (0: independent frames).
+    # The mixed noise prior of PYoCo (Ge et al. 2023, "Preserve your own correlation"): frames of a video are
+    # alike, so noise that is alike across frames leaves the model less to undo, and frames sampled apart (in
+    # different windows of a long video) start from the same common field. Training draws the same prior.
+    noise_correlation: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.noise_correlation < 1.0:
+            raise ValueError(f"flow.noise_correlation: must be in [0, 1), got {self.noise_correlation}")
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,21 @@ def noisy(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tenso
     return (1 - t) * x0 + t * noise
 
 
+def video_noise(frames: int, shape: tuple[int, ...], correlation: float, *, own: torch.Generator | None = None,
+                shared: torch.Generator | None = None) -> torch.Tensor:
+    """Noise (frames, *shape) of unit variance per element: each frame's own noise mixed with one field common
+    to all (``correlation`` is the common share of the variance; see ``FlowConfig.noise_correlation``).
+
+    ``own`` draws first, so with ``correlation == 0`` the result is exactly ``torch.randn`` from ``own``.
+    Sampling a long video passes the same ``shared`` seed to every window, so all its frames share the field.
+    """
+    noise = torch.randn((frames, *shape), generator=own)
+    if correlation > 0:
+        common = torch.randn((1, *shape), generator=shared)
+        noise = correlation ** 0.5 * common + (1.0 - correlation) ** 0.5 * noise
+    return noise
+
+
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
@@ -87,9 +102,26 @@ def get_sampler(name: str):
 
 
 def guided(model_cond_uncond: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-           guidance: float) -> ModelFn:
-    """Classifier-free guidance: v = v_uncond + guidance * (v_cond - v_uncond)."""
+           guidance: float, rescale: float = 0.0) -> ModelFn:
+    """Classifier-free guidance: v = v_uncond + guidance * (v_cond - v_uncond).
+
+    ``rescale`` in [0, 1] (guidance rescale, Lin et al. 2024, "Common diffusion noise schedules and sample steps
+    are flawed"): a high guidance scale also inflates the spread of the predicted clean frame, which a video shows
+    as colours too strong and a picture that jumps from one latent frame to the next. The guided clean-frame
+    prediction ``x0 = x - t * v`` is scaled, frame by frame, to the standard deviation of the conditional one,
+    and mixed with the unscaled one in the proportion ``rescale``.
+    """
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"guidance_rescale: must be in [0, 1], got {rescale}")
+
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         v_cond, v_uncond = model_cond_uncond(x, t)
-        return v_uncond + guidance * (v_cond - v_uncond)
+        v = v_uncond + guidance * (v_cond - v_uncond)
+        if rescale == 0.0 or float(t) <= 0.0:
+            return v
+        dims = tuple(range(1, x.dim()))
+        x0_cond, x0 = x - t * v_cond, x - t * v
+        ratio = x0_cond.std(dim=dims, keepdim=True) / x0.std(dim=dims, keepdim=True).clamp(min=1e-6)
+        x0 = rescale * x0 * ratio + (1.0 - rescale) * x0
+        return (x - x0) / t
     return model

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig, get_preset, preset_names
 from model.dit import FrameInputs, VideoDiT
-from model.flow import get_sampler, guided, time_schedule
+from model.flow import get_sampler, guided, time_schedule, video_noise
 from model.text import TextEmbedding, TextEncoder
 from model.vae import CausalVAE
 
@@ -105,6 +105,14 @@ def file_hash(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def checkpoint_hash(weights_path: Path, config: ModelConfig) -> str:
+    """Identity of a checkpoint: its weights file and the model configuration it is loaded with (the latent
+    normalisation and the sampling prior live in the configuration and change the output as much as weights)."""
+    digest = hashlib.sha256(file_hash(weights_path).encode())
+    digest.update(json.dumps(config.to_dict(), sort_keys=True).encode())
+    return "sha256:" + digest.hexdigest()
+
+
 def pick_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,7 +177,7 @@ class Generator:
                 raise CheckpointError(path, f"tensor {key!r} has shape {tuple(value.shape)}, "
                                       f"expected {tuple(expected[key].shape)}")
         model.load_state_dict({k: v.float() for k, v in state.items()})
-        return cls(model, device=device, checkpoint_hash=file_hash(weights_path))
+        return cls(model, device=device, checkpoint_hash=checkpoint_hash(weights_path, cfg))
 
     def save(self, path: str | Path, *, dtype: torch.dtype = torch.float32, extra: dict | None = None) -> Path:
         path = Path(path)
@@ -179,7 +187,7 @@ class Generator:
         save_file(state, str(path / WEIGHTS_FILE))
         meta = {"format": FORMAT_VERSION, "model": self.config.to_dict(), **(extra or {})}
         (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        self.checkpoint_hash = file_hash(path / WEIGHTS_FILE)
+        self.checkpoint_hash = checkpoint_hash(path / WEIGHTS_FILE, self.config)
         return path
 
     @staticmethod
@@ -270,12 +278,15 @@ class Generator:
 
     @torch.no_grad()
     def sample(self, window: Window, observed: torch.Tensor | None, prompt: str | TextEmbedding, *, seed: int,
-               steps: int, guidance: float, sampler: str = "euler", causal: bool = False,
+               steps: int, guidance: float, guidance_rescale: float = 0.0, sampler: str = "euler",
+               causal: bool = False, video_seed: int | None = None,
                callback: Callable[[int, int], None] | None = None, use_cache: bool = True) -> torch.Tensor:
         """Generate the window's latent frames; returns (n_latent, C, h, w) float32 on the CPU.
 
         Deterministic for (seed, window, observed, prompt, settings) on one device: the initial noise is
-        drawn on the CPU from ``torch.Generator().manual_seed(seed)``.
+        drawn on the CPU from ``torch.Generator().manual_seed(seed)``; with the model's
+        ``flow.noise_correlation``, mixed with a field common to the video, drawn from ``video_seed`` (every
+        window of one video passes the same; by default ``seed``).
         """
         self.check_window(window, observed)
         step_fn = get_sampler(sampler)
@@ -292,7 +303,9 @@ class Generator:
         lat_order = sorted(range(len(window.latent_times)), key=lambda i: window.latent_times[i])
         lat_times = torch.tensor([window.latent_times[i] for i in lat_order], dtype=torch.long)
         n_lat = len(lat_times)
-        noise = torch.randn((n_lat, c, h, w), generator=torch.Generator().manual_seed(int(seed)))
+        noise = video_noise(n_lat, (c, h, w), self.config.flow.noise_correlation,
+                            own=torch.Generator().manual_seed(int(seed)),
+                            shared=torch.Generator().manual_seed(int(seed if video_seed is None else video_seed)))
         x = noise.to(dev)
 
         obs_times = torch.tensor(window.observed_times, dtype=torch.long)
@@ -333,7 +346,11 @@ class Generator:
                     outs = self._dit_call([win] * branches, text.tokens, text.mask, text.pooled, causal=causal)
                 return split([o[lat_slots] for o in outs])
 
-        model_fn = guided(cond_uncond, guidance) if branches == 2 else (lambda xt, t: cond_uncond(xt, t)[0])
+        if branches == 2:
+            model_fn = guided(cond_uncond, guidance, guidance_rescale)
+        else:
+            def model_fn(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return cond_uncond(xt, t)[0]
         times = time_schedule(steps, self.config.flow.shift, device=dev)
         x = step_fn(model_fn, x, times, callback=callback)
         result = torch.empty_like(x)

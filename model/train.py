@@ -36,10 +36,11 @@ from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig, get_preset, preset_names
 from model.dit import FrameInputs
-from model.flow import flow_loss, noisy, sample_training_times
+from model.flow import flow_loss, noisy, sample_training_times, video_noise
 from model.generator import WEIGHTS_FILE, Generator, VideoModel, _quiet_open_clip
 from model.latent_pool import (CLIP_FPS, CLIP_SECONDS, LatentPool, build_pool, encode_groups, num_latents,
                                to_pixels)
+from model.vae import Decoder
 from model.world import EVAL_SEED_BASE, caption, render_frames, sample_world
 
 PARTS = ("vae", "text", "dit")
@@ -146,13 +147,17 @@ class Trainer:
         For an architecture change that keeps most of the network (a new patch size or latent space keeps
         the DiT's blocks): the copied blocks start from what they learnt, the rest from scratch.
         """
-        state = warm_start_state(source, self.part)
+        state = self.adapt_warm_start(warm_start_state(source, self.part))
         own = self.module().state_dict()
         taken = {k: v.to(own[k].dtype) for k, v in state.items() if k in own and own[k].shape == v.shape}
         skipped = sorted(set(own) - set(taken))
         self.module().load_state_dict({**own, **taken})
         print(f"[{self.part}] warm start from {source}: {len(taken)} tensors copied, {len(skipped)} kept fresh "
               f"({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})", flush=True)
+
+    def adapt_warm_start(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook: another architecture's tensors renamed or reshaped to fit this one."""
+        return state
 
     def resume(self) -> None:
         if not self.state_path.is_file() and self.args.init_from:
@@ -267,13 +272,32 @@ class VAETrainer(Trainer):
         super().__init__(args, model, params, rng_seed=args.seed + (7 if self.decoder_only else 0))
         self.latent_stats: dict = {}
         if self.decoder_only:
-            if not self.paths.weights.is_file():
-                raise FileNotFoundError(f"vae: --decoder-only needs trained weights at {self.paths.weights}")
+            self.load_frozen_encoder(model)
+
+    def load_frozen_encoder(self, model: VideoModel) -> None:
+        """The run's trained VAE; a fresh run with ``--init-from`` takes the source's encoder and latent
+        statistics instead (its decoder is warm-started by :meth:`resume`, so it may have another design)."""
+        init_from = Path(self.args.init_from) if self.args.init_from else None
+        if self.paths.weights.is_file():
             model.vae.load_state_dict(load_file(str(self.paths.weights)))
             meta = json.loads(self.paths.meta.read_text())
-            self.latent_stats = {k: meta[k] for k in ("latent_shift", "latent_scale")}
-            self.encoder_steps = meta.get("step")
-            model.vae.encoder.requires_grad_(False)
+        elif init_from is not None:
+            encoder = {k: v for k, v in warm_start_state(init_from, "vae").items() if k.startswith("encoder.")}
+            model.vae.load_state_dict({**model.vae.state_dict(), **encoder})
+            meta = source_latent_stats(init_from)
+        else:
+            raise FileNotFoundError(f"vae: --decoder-only needs trained weights at {self.paths.weights} "
+                                    f"or --init-from a run or checkpoint with a trained encoder")
+        self.latent_stats = {k: meta[k] for k in ("latent_shift", "latent_scale")}
+        self.encoder_steps = meta.get("encoder_steps", meta.get("step"))
+        model.vae.encoder.requires_grad_(False)
+
+    def adapt_warm_start(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.model.cfg.vae.frame_blocks:
+            return state
+        decoder = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
+        decoder = Decoder.frame_rate_state(decoder, self.model.cfg.vae.temporal_factor)
+        return {**state, **{f"decoder.{k}": v for k, v in decoder.items()}}
 
     @property
     def state_path(self) -> Path:
@@ -494,7 +518,7 @@ class DiTTrainer(Trainer):
             is_obs = torch.tensor([t in observed for t in times])
             t = sample_training_times(1, self.shift).expand(len(times)).clone()
             t[is_obs] = 0.0
-            noise = torch.randn_like(x0)
+            noise = video_noise(len(x0), tuple(x0.shape[1:]), self.model.cfg.flow.noise_correlation)
             xt = torch.where(is_obs[:, None, None, None], x0, noisy(x0, noise, t))
             windows.append(FrameInputs(xt, is_obs, torch.tensor(times), t))
             targets.append((x0, noise, ~is_obs))
@@ -525,6 +549,17 @@ def warm_start_state(source: Path, part: str) -> dict[str, torch.Tensor]:
         prefix = f"{part}."
         return {k[len(prefix):]: v for k, v in load_file(str(checkpoint)).items() if k.startswith(prefix)}
     raise FileNotFoundError(f"--init-from: neither {run_weights} nor {checkpoint} exists")
+
+
+def source_latent_stats(source: Path) -> dict:
+    """The latent normalisation (and the encoder's steps) of a run directory or checkpoint directory."""
+    meta_path = RunPaths(source, "vae").meta
+    if meta_path.is_file():
+        return json.loads(meta_path.read_text())
+    config = json.loads((source / "config.json").read_text())
+    vae = config.get("training", {}).get("vae", {})
+    return {"latent_shift": config["model"]["latent_shift"], "latent_scale": config["model"]["latent_scale"],
+            "encoder_steps": vae.get("encoder_steps", vae.get("step"))}
 
 
 def run_config(preset: str, run: Path) -> ModelConfig:

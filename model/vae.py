@@ -3,9 +3,10 @@
 A video of ``1 + 4k`` frames maps to ``1 + k`` latent frames: latent 0 holds frame 0 only (so a still image is
 a one-frame video), latent ``i >= 1`` holds frames ``4i-3 .. 4i``. Frames are grouped four at a time into
 channels (space-to-time packing) after padding the front with three copies of frame 0; all temporal mixing
-happens at the latent frame rate through causal convolutions, and every other layer is per frame. Decoding
-latent ``i`` therefore depends only on latents ``i - decode_context .. i``, which is what lets the
-orchestrator decode segments independently and seamlessly.
+happens through causal convolutions, at the latent frame rate (and, in a decoder with ``frame_blocks``, at the
+video frame rate after unpacking), and every other layer is per frame. Decoding latent ``i`` therefore depends
+only on latents ``i - decode_context .. i``, which is what lets the orchestrator decode segments independently
+and seamlessly.
 """
 from __future__ import annotations
 
@@ -184,12 +185,45 @@ class Encoder(nn.Module):
         return moments
 
 
+class TimeUnpack(nn.Module):
+    """Latent-rate features to frame-rate features: each of a latent's ``tf`` frames gets the latent's features
+    plus an offset of its own. The offsets start at zero, so a decoder warm-started from a latent-rate one
+    begins by holding each latent still and learns the motion within it."""
+
+    def __init__(self, channels: int, temporal_factor: int):
+        super().__init__()
+        self.tf = temporal_factor
+        self.conv = FrameConv(channels, temporal_factor * channels, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T_lat, h, w) -> (B, C, tf*T_lat, h, w)
+        b, c, t, h, w = x.shape
+        frames = x.unsqueeze(1) + self.conv(x).reshape(b, self.tf, c, t, h, w)
+        return frames.permute(0, 2, 3, 1, 4, 5).reshape(b, c, t * self.tf, h, w)
+
+
 class Decoder(nn.Module):
+    """Latents (B, C, T_lat, h, w) to frames (B, 3, tf*T_lat, H, W).
+
+    With ``VAEConfig.frame_blocks`` the time axis is unpacked to frames at the lowest resolution, before the
+    spatial upsampling; otherwise the output layer emits a latent's ``tf`` frames as channels.
+    """
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, tf = cfg.channels, cfg.temporal_factor
+        self.tf = tf
         self.conv_in = FrameConv(cfg.latent_channels, ch[-1], 3, padding=1)
         self.temporal = nn.Sequential(*[CausalResBlock(ch[-1], cfg.kernel_t) for _ in range(cfg.temporal_blocks)])
+        self.frame_rate = cfg.frame_blocks > 0
+        if self.frame_rate:
+            self.unpack = TimeUnpack(ch[-1], tf)
+            self.frame_temporal = nn.Sequential(*[CausalResBlock(ch[-1], cfg.kernel_t)
+                                                  for _ in range(cfg.frame_blocks)])
+            for block in self.frame_temporal:  # start as the identity (see TimeUnpack)
+                nn.init.zeros_(block.conv2.weight)
+                nn.init.zeros_(block.conv2.bias)
         layers: list[nn.Module] = []
         for level in reversed(range(len(ch))):
             c = ch[level]
@@ -202,14 +236,31 @@ class Decoder(nn.Module):
         self.features = ch[-1]
         self.shortcut = cfg.shortcuts
         self.norm_out = PixelNorm(ch[0]) if cfg.output_norm else nn.Identity()
-        self.conv_out = FrameConv(ch[0], 3 * tf, 3, padding=1)
+        self.conv_out = FrameConv(ch[0], 3 if self.frame_rate else 3 * tf, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, C, T_lat, h, w) -> (B, 3*tf, T_lat, H, W)
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(z)
         if self.shortcut:  # the latents repeated up to the feature channels
             x = x + z.repeat_interleave(self.features // z.shape[1], dim=1)
-        x = self.up(self.temporal(x))
-        return self.conv_out(F.silu(self.norm_out(x)))
+        x = self.temporal(x)
+        if self.frame_rate:
+            x = self.frame_temporal(self.unpack(x))
+        out = self.conv_out(F.silu(self.norm_out(self.up(x))))
+        if self.frame_rate:
+            return out
+        b, _, t, h, w = out.shape  # (B, 3*tf, T_lat, H, W): channel group k is each latent's frame k
+        return out.reshape(b, self.tf, 3, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, 3, t * self.tf, h, w)
+
+    @staticmethod
+    def frame_rate_state(state: dict[str, torch.Tensor], temporal_factor: int) -> dict[str, torch.Tensor]:
+        """A latent-rate decoder's weights adapted to the frame-rate decoder: the output layer's per-frame
+        channel groups averaged into one (every other tensor keeps its name and shape)."""
+        state = dict(state)
+        for key in ("conv_out.weight", "conv_out.bias"):
+            if key in state and state[key].shape[0] == 3 * temporal_factor:
+                value = state[key]
+                state[key] = value.reshape(temporal_factor, 3, *value.shape[1:]).mean(dim=0)
+        return state
 
 
 class CausalVAE(nn.Module):
@@ -238,12 +289,6 @@ class CausalVAE(nn.Module):
         video = torch.cat([video[:, :, :1].expand(-1, -1, tf - 1, -1, -1), video], dim=2)
         return video.reshape(b, c, -1, tf, h, w).permute(0, 3, 1, 2, 4, 5).reshape(b, tf * c, -1, h, w)
 
-    def _unpack_time(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3*tf, T_lat, H, W) -> (B, 3, tf*T_lat, H, W)."""
-        tf = self.cfg.temporal_factor
-        b, _, t, h, w = x.shape
-        return x.reshape(b, tf, 3, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, 3, t * tf, h, w)
-
     def check_size(self, height: int, width: int) -> None:
         for name, value in (("height", height), ("width", width)):
             if value % FRAME_MULTIPLE or value <= 0:
@@ -258,7 +303,7 @@ class CausalVAE(nn.Module):
 
     def decode_frames(self, z: torch.Tensor, *, from_start: bool) -> torch.Tensor:
         """Decode latents to frames in [-1, 1]. From the start of a video, latent 0 yields one frame."""
-        frames = self._unpack_time(self.decoder(z))
+        frames = self.decoder(z)
         if from_start:
             frames = frames[:, :, self.cfg.temporal_factor - 1 :]
         return frames

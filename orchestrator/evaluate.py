@@ -584,6 +584,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the job spec's)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (default: the job spec's)")
+    parser.add_argument("--guidance-rescale", type=float, default=None, dest="guidance_rescale",
+                        help="guidance rescale 0..1 (default: the job spec's)")
     parser.add_argument("--workers", type=int, default=None, help="local Dask worker processes")
     parser.add_argument("--scheduler", default=None, help="address of a running Dask scheduler to render on")
     parser.add_argument("--engine", choices=("deepspeed", "eager"), default="deepspeed",
@@ -612,8 +614,8 @@ def _job_spec(args: argparse.Namespace, prompt: str, schedule: str, output: Path
     from orchestrator.spec import JobSpec
 
     fields = {"prompt": prompt, "seconds": args.seconds, "fps": args.fps, "width": args.width,
-              "height": args.height, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-              "schedule": schedule,
+              "height": args.height, "steps": args.steps, "guidance": args.guidance,
+              "guidance_rescale": args.guidance_rescale, "seed": args.seed, "schedule": schedule,
               "model": args.model, "output": str(output)}
     return JobSpec.parse({k: v for k, v in fields.items() if v is not None})
 
@@ -792,7 +794,8 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     return {
         "settings": {"prompts": args.prompts, "seconds": seconds, "schedules": args.schedules,
                      "model": args.model, "width": width, "height": height, "fps": fps,
-                     "steps": first_job.steps, "guidance": first_job.guidance, "workers": args.workers,
+                     "steps": first_job.steps, "guidance": first_job.guidance,
+                     "guidance_rescale": first_job.guidance_rescale, "workers": args.workers,
                      "engine": args.engine, "seed": args.seed,
                      "work_dir": str(work)},
         "prompts": [{"world_seed": s, "prompt": p} for s, p in prompts],

@@ -251,7 +251,7 @@ def write_conditioning(inputs: list[dict], job: dict) -> dict:
                 window = Window(observed_times=(), latent_times=(0,), height=job["latent_height"],
                                 width=job["latent_width"])
                 first = gen.sample(window, None, job["prompt"], seed=task_seed(job["seed"], "loop-keyframe"),
-                                   steps=job["steps"], guidance=job["guidance"], sampler=job["sampler"])[:1]
+                                   video_seed=job["seed"], **sampling_settings(job))[:1]
             values = torch.cat([torch.as_tensor(first), torch.as_tensor(first)])
         values = torch.as_tensor(values)
         if values.shape[0] != len(latents):
@@ -262,6 +262,13 @@ def write_conditioning(inputs: list[dict], job: dict) -> dict:
         checksums.update(store.write_latents(latents, values))
     store.write_given_marker(checksums, run_id=job["run_id"], seconds=time.time() - started)
     return _stamp("condition", "given", started, frames=len(checksums))
+
+
+def sampling_settings(job: dict) -> dict:
+    """The job's sampler settings as ``Generator.sample`` takes them (jobs stored before a setting existed
+    get its default, so they resume exactly as they started)."""
+    return {"steps": job["steps"], "guidance": job["guidance"], "sampler": job["sampler"],
+            "guidance_rescale": job.get("guidance_rescale", 0.0)}
 
 
 def generate_latents(task: dict, job: dict, *dependencies) -> dict:
@@ -279,8 +286,8 @@ def generate_latents(task: dict, job: dict, *dependencies) -> dict:
     window = Window(observed_times=tuple(task["observed"]), latent_times=tuple(task["latent"]),
                     height=job["latent_height"], width=job["latent_width"])
     latents = gen.sample(window, _to_torch(observed) if len(observed) else None, job["prompt"],
-                         seed=task_seed(job["seed"], task["task_id"]), steps=job["steps"],
-                         guidance=job["guidance"], sampler=job["sampler"], causal=bool(task.get("causal")))
+                         seed=task_seed(job["seed"], task["task_id"]), video_seed=job["seed"],
+                         causal=bool(task.get("causal")), **sampling_settings(job))
     computed = time.time()
     checksums = store.write_latents(task["latent"], latents)
     store.write_task_marker(task["task_id"], checksums, level=task["level"], run_id=job["run_id"],
@@ -737,6 +744,7 @@ def _render_locked(spec: JobSpec, model_ref: str, show: ProgressReporter, *, sch
         job = {
             "run_id": run_id, "store": store.url, "store_created": store.attrs["created"],
             "prompt": spec.prompt, "seed": spec.seed, "steps": spec.steps, "guidance": spec.guidance,
+            "guidance_rescale": spec.guidance_rescale,
             "sampler": spec.sampler, "fps": spec.fps, "width": spec.width, "height": spec.height,
             "num_frames": spec.num_frames, "codec": spec.codec, "quality": spec.quality, "output": spec.output,
             "latent_height": facts["latent_height"], "latent_width": facts["latent_width"],

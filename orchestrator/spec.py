@@ -106,6 +106,8 @@ class JobSpec(BaseModel):
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     steps: int = Field(default=20, ge=1, le=MAX_STEPS)
     guidance: float = Field(default=4.0, ge=0, le=MAX_GUIDANCE)
+    # Guidance rescale (model.flow.guided): 0 is plain classifier-free guidance.
+    guidance_rescale: float = Field(default=0.0, ge=0, le=1)
     sampler: Literal["euler", "heun"] = "euler"
     schedule: Literal["parallel", "autoregressive", "long-range", "hierarchy-2", "hierarchy-3"] = "parallel"
     window: Annotated[int, Field(ge=2, le=MAX_WINDOW)] | None = None

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.flow import (SAMPLERS, flow_loss, get_sampler, guided, noisy, sample_euler, sample_heun,
-                        sample_training_times, shift_time, time_schedule, velocity_target)
+                        sample_training_times, shift_time, time_schedule, velocity_target, video_noise)
 
 
 def frames(seed: int, n: int = 4) -> torch.Tensor:
@@ -113,3 +113,38 @@ def test_classifier_free_guidance_combines_the_branches():
     model = guided(lambda x, t: (cond, uncond), guidance=4.0)
     assert model(torch.zeros(1), torch.tensor(0.5)).item() == pytest.approx(1.0 + 4.0 * 2.0)
     assert guided(lambda x, t: (cond, uncond), guidance=1.0)(None, None).item() == 3.0
+
+
+def test_guidance_rescale_pulls_the_clean_prediction_back_to_the_conditional_spread():
+    x, t = frames(1), torch.tensor(0.6)
+    v_cond, v_uncond = frames(2), frames(3)
+    dims = (1, 2, 3)
+
+    def x0_std(v):
+        return (x - t * v).std(dim=dims)
+
+    plain = guided(lambda x, t: (v_cond, v_uncond), guidance=4.0)(x, t)
+    assert torch.equal(guided(lambda x, t: (v_cond, v_uncond), guidance=4.0, rescale=0.0)(x, t), plain)
+    full = guided(lambda x, t: (v_cond, v_uncond), guidance=4.0, rescale=1.0)(x, t)
+    torch.testing.assert_close(x0_std(full), x0_std(v_cond))  # frame by frame
+    assert (x0_std(plain) > 1.5 * x0_std(v_cond)).all(), "guidance 4 must spread the prediction for this test"
+    half = guided(lambda x, t: (v_cond, v_uncond), guidance=4.0, rescale=0.5)(x, t)
+    assert (x0_std(full) < x0_std(half)).all() and (x0_std(half) < x0_std(plain)).all()
+    with pytest.raises(ValueError, match=r"guidance_rescale: must be in \[0, 1\], got 1.5"):
+        guided(lambda x, t: (v_cond, v_uncond), guidance=4.0, rescale=1.5)
+
+
+def test_video_noise_shares_a_field_across_frames():
+    own = video_noise(6, (4, 8, 8), 0.0, own=torch.Generator().manual_seed(3))
+    assert torch.equal(own, torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(3)))
+    noise = video_noise(400, (4, 8, 8), 0.8, own=torch.Generator().manual_seed(3),
+                        shared=torch.Generator().manual_seed(9))
+    flat = noise.flatten(1)
+    assert flat.std().item() == pytest.approx(1.0, abs=0.1)  # still unit variance per element
+    corr = torch.corrcoef(flat[:50])
+    off_diagonal = corr[~torch.eye(50, dtype=torch.bool)]
+    assert off_diagonal.mean().item() == pytest.approx(0.8, abs=0.05)
+    # Windows of one video (own seeds differ, the shared seed is the video's) share the field.
+    a = video_noise(2, (4, 8, 8), 0.8, own=torch.Generator().manual_seed(1), shared=torch.Generator().manual_seed(9))
+    b = video_noise(2, (4, 8, 8), 0.8, own=torch.Generator().manual_seed(2), shared=torch.Generator().manual_seed(9))
+    assert torch.corrcoef(torch.stack([a[0].flatten(), b[0].flatten()]))[0, 1] > 0.6

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -46,6 +48,12 @@ def test_identity_is_json_and_names_preset_and_content_hash(saved, tmp_path):
     assert Generator.load(gen.save(tmp_path / "again")).identity == identity
     other = tiny_generator(seed=4).save(tmp_path / "other")
     assert Generator.load(other).identity["checkpoint_hash"] != identity["checkpoint_hash"]
+    # Same weights with a configuration that samples differently: another model, another hash.
+    prior = Path(shutil.copytree(path, tmp_path / "prior"))
+    config = json.loads((prior / "config.json").read_text())
+    config["model"]["flow"]["noise_correlation"] = 0.5
+    (prior / "config.json").write_text(json.dumps(config))
+    assert Generator.load(prior).identity["checkpoint_hash"] != identity["checkpoint_hash"]
 
 
 def test_presets_build_deterministically_from_the_seed():

@@ -113,6 +113,40 @@ def test_every_part_trains_resumes_and_exports(tmp_path, capsys):
     assert warm["patch_embed.weight"].shape != shipped["patch_embed.weight"].shape
 
 
+@pytest.mark.timeout(300)
+def test_a_frame_rate_decoder_trains_on_another_runs_frozen_encoder(tmp_path, capsys):
+    """`--decoder-only --init-from` a run with a latent-rate decoder: the encoder and its latent statistics
+    are the source's (so its DiT and latent pool stay valid), the decoder starts from the source's decoder."""
+    source, run = tmp_path / "source", tmp_path / "frame-rate"
+    common = ["--preset", "tiny", "--batch", "1", "--log-every", "1", "--warmup", "1"]
+    assert main(["vae", *common, "--run", str(source), "--steps", "2"]) == 0
+    recorded = json.loads((source / "model.json").read_text())
+    recorded["vae"]["frame_blocks"] = 1
+    recorded["flow"]["noise_correlation"] = 0.5
+    run.mkdir()
+    (run / "model.json").write_text(json.dumps(recorded))
+    with pytest.raises(FileNotFoundError, match="--decoder-only needs trained weights"):
+        main(["vae", *common, "--run", str(run), "--steps", "1", "--decoder-only"])
+    capsys.readouterr()
+    assert main(["vae", *common, "--run", str(run), "--steps", "1", "--decoder-only", "--init-from", str(source),
+                 "--lr", "1e-12"]) == 0
+    assert re.search(r"warm start from .*: \d+ tensors copied, [1-9]\d* kept fresh \(decoder.frame_temporal",
+                     capsys.readouterr().out)
+    before, after = (load_file(str(r / "vae" / "vae.safetensors")) for r in (source, run))
+    for key in (k for k in before if k.startswith("encoder.")):
+        assert torch.equal(after[key], before[key]), key
+    # The output layer's per-frame channel groups, averaged: the decoder starts by holding each latent.
+    out_layer = after["decoder.conv_out.weight"]
+    held = before["decoder.conv_out.weight"].reshape(4, 3, *out_layer.shape[1:]).mean(dim=0)
+    torch.testing.assert_close(out_layer, held, rtol=0, atol=1e-5)
+    source_meta, meta = (json.loads((r / "vae" / "vae.json").read_text()) for r in (source, run))
+    assert meta["latent_scale"] == source_meta["latent_scale"] and meta["encoder_steps"] == 2
+    # The DiT trains under the recorded noise prior.
+    assert main(["text", *common, "--run", str(run), "--steps", "1", "--batch", "4"]) == 0
+    assert main(["dit", *common, "--run", str(run), "--steps", "1"]) == 0
+    assert json.loads((run / "dit" / "dit.json").read_text())["step"] == 1
+
+
 def test_a_run_keeps_the_architecture_it_started_with(tmp_path):
     run = tmp_path / "run"
     common = ["--run", str(run), "--steps", "1", "--batch", "1", "--log-every", "1"]

@@ -72,21 +72,73 @@ def test_encoder_is_causal(tiny_gen):
     assert (before[2:] - after[2:]).abs().amax() > 1e-2
 
 
-def test_decoder_is_causal(tiny_gen):
-    z = latents(5, tiny_gen.latent_channels, 4, 4, seed=3)
+@pytest.fixture(scope="module")
+def frame_rate_gen():
+    """The tiny preset with a decoder that unpacks time before upsampling (``frame_blocks``), every decoder
+    weight randomised: its frame-rate layers start as the identity, which would hide their receptive field."""
+    from model.config import get_preset
+    from model.generator import Generator, VideoModel
+    from model_test_helpers import randomize_
+
+    tiny = get_preset("tiny")
+    torch.manual_seed(0)
+    gen = Generator(VideoModel(tiny.replace(vae=dataclasses.replace(tiny.vae, frame_blocks=1))), device="cpu")
+    randomize_(gen.model.vae.decoder, seed=5, std=0.1)
+    return gen
+
+
+@pytest.fixture(params=["latent-rate", "frame-rate"])
+def decoder_gen(request, tiny_gen, frame_rate_gen):
+    return tiny_gen if request.param == "latent-rate" else frame_rate_gen
+
+
+def test_decoder_is_causal(decoder_gen):
+    z = latents(5, decoder_gen.latent_channels, 4, 4, seed=3)
     changed = z.clone()
     changed[3:] += 2.0  # latent 3 is video frames 9..12
-    before, after = tiny_gen.decode_float(z), tiny_gen.decode_float(changed)
+    before, after = decoder_gen.decode_float(z), decoder_gen.decode_float(changed)
     assert before.shape == (17, 32, 32, 3)
     torch.testing.assert_close(before[:9], after[:9], rtol=0, atol=1e-4)
     assert (before[9:] - after[9:]).abs().amax() > 1.0
 
 
-def test_decode_context_is_a_number_the_orchestrator_can_read(tiny_gen):
+def test_decode_context_is_a_number_the_orchestrator_can_read(tiny_gen, frame_rate_gen):
     ctx = tiny_gen.decode_context
     assert isinstance(ctx, int) and not isinstance(ctx, bool)
     # tiny: one causal residual block of two kernel-3 convolutions in time.
     assert ctx == tiny_gen.config.vae.decode_context == 4
+    # The same at the frame rate reaches back 4 frames: one more latent.
+    assert frame_rate_gen.decode_context == 5
+
+
+def test_frame_rate_decoder_moves_within_a_latent(tiny_gen, frame_rate_gen):
+    """Both designs give every frame its own picture; the frame-rate one from a feature map of its own."""
+    z = latents(3, tiny_gen.latent_channels, 4, 4, seed=6)
+    for gen in (tiny_gen, frame_rate_gen):
+        frames = gen.decode_float(z)
+        assert frames.shape == (9, 32, 32, 3)
+        assert (frames[1:4] - frames[2:5]).abs().amax() > 1.0
+    assert isinstance(frame_rate_gen.model.vae.decoder.unpack, torch.nn.Module)
+    assert not hasattr(tiny_gen.model.vae.decoder, "unpack")
+
+
+def test_frame_rate_decoder_warm_starts_holding_each_latent():
+    """Adapted from a latent-rate decoder, the frame-rate decoder starts by showing each latent's mean frame."""
+    from model.config import get_preset
+    from model.vae import CausalVAE, Decoder
+
+    tiny = get_preset("tiny").vae
+    torch.manual_seed(0)
+    latent_rate = CausalVAE(tiny)
+    frame_rate = CausalVAE(dataclasses.replace(tiny, frame_blocks=1))
+    state = Decoder.frame_rate_state(latent_rate.decoder.state_dict(), tiny.temporal_factor)
+    frame_rate.decoder.load_state_dict({**frame_rate.decoder.state_dict(), **state})
+    z = latents(3, tiny.latent_channels, 4, 4, seed=7)[None].transpose(1, 2)
+    with torch.no_grad():
+        held = latent_rate.decode_frames(z, from_start=False).reshape(1, 3, 3, 4, 32, 32).mean(dim=3)
+        started = frame_rate.decode_frames(z, from_start=False).reshape(1, 3, 3, 4, 32, 32)
+    for k in range(4):
+        torch.testing.assert_close(started[:, :, :, k], held, rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +147,15 @@ def long_latents(tiny_gen):
 
 
 @pytest.fixture(scope="module")
-def one_shot(tiny_gen, long_latents):
-    frames = tiny_gen.decode_float(long_latents)
-    assert frames.shape == (1 + 4 * 11, 32, 48, 3)
-    # Random decoder weights must produce a varied picture, or equality below would prove little.
-    assert frames.std() > 5.0
-    return frames
+def one_shots(tiny_gen, frame_rate_gen, long_latents):
+    shots = {}
+    for gen in (tiny_gen, frame_rate_gen):
+        frames = gen.decode_float(long_latents)
+        assert frames.shape == (1 + 4 * 11, 32, 48, 3)
+        # Random decoder weights must produce a varied picture, or equality below would prove little.
+        assert frames.std() > 5.0
+        shots[id(gen)] = frames
+    return shots
 
 
 @pytest.mark.parametrize(("start", "stop"), [
@@ -109,27 +164,28 @@ def one_shot(tiny_gen, long_latents):
     (4, 8), (5, 9), (7, 10),    # in the middle with full context
     (8, 12), (11, 12),          # up to the end, a single latent
 ])
-def test_chunked_decode_equals_one_shot(tiny_gen, long_latents, one_shot, start, stop):
-    context = long_latents[max(0, start - tiny_gen.decode_context):start] if start else None
-    part = tiny_gen.decode_float(long_latents[start:stop], context=context)
+def test_chunked_decode_equals_one_shot(decoder_gen, long_latents, one_shots, start, stop):
+    gen, one_shot = decoder_gen, one_shots[id(decoder_gen)]
+    context = long_latents[max(0, start - gen.decode_context):start] if start else None
+    part = gen.decode_float(long_latents[start:stop], context=context)
     expected = one_shot[frame_slice(start, stop)]
     assert part.shape == expected.shape
     assert part.shape[0] == (4 * (stop - start) if start else 1 + 4 * (stop - start - 1))
     assert (part - expected).abs().amax() <= 1e-4
     # decode() is the same frames rounded to uint8.
-    assert torch.equal(tiny_gen.decode(long_latents[start:stop], context=context), part.round().to(torch.uint8))
+    assert torch.equal(gen.decode(long_latents[start:stop], context=context), part.round().to(torch.uint8))
 
 
-def test_longer_context_than_needed_changes_nothing(tiny_gen, long_latents, one_shot):
-    part = tiny_gen.decode_float(long_latents[8:10], context=long_latents[:8])
-    assert (part - one_shot[frame_slice(8, 10)]).abs().amax() <= 1e-4
+def test_longer_context_than_needed_changes_nothing(decoder_gen, long_latents, one_shots):
+    part = decoder_gen.decode_float(long_latents[8:10], context=long_latents[:8])
+    assert (part - one_shots[id(decoder_gen)][frame_slice(8, 10)]).abs().amax() <= 1e-4
 
 
-def test_decode_context_is_the_true_receptive_field(tiny_gen, long_latents, one_shot):
+def test_decode_context_is_the_true_receptive_field(decoder_gen, long_latents, one_shots):
     """One context latent fewer than decode_context is not enough: the number is not an overestimate."""
-    start, ctx = 8, tiny_gen.decode_context
-    short = tiny_gen.decode_float(long_latents[start:start + 2], context=long_latents[start - ctx + 1:start])
-    assert (short - one_shot[frame_slice(start, start + 2)]).abs().amax() > 1e-2
+    start, ctx = 8, decoder_gen.decode_context
+    short = decoder_gen.decode_float(long_latents[start:start + 2], context=long_latents[start - ctx + 1:start])
+    assert (short - one_shots[id(decoder_gen)][frame_slice(start, start + 2)]).abs().amax() > 1e-2
 
 
 def test_decode_rejects_mismatched_latents(tiny_gen, long_latents):

@@ -257,11 +257,12 @@ def test_longshot_eval_end_to_end(tmp_path, capsys):
     """`longshot eval --json` at CI size: a real local Dask cluster renders with the tiny preset."""
     code = ev.main(["--json", "--seconds", "2", "--prompts", "1", "--schedules", "parallel",
                  "--model", "tiny", "--width", "64", "--height", "64", "--fps", "8", "--steps", "1",
-                 "--guidance", "2.5", "--workers", "1", "--engine", "eager", "--vae-clips", "1",
+                 "--guidance", "2.5", "--guidance-rescale", "0.5", "--workers", "1", "--engine", "eager",
+                 "--vae-clips", "1",
                  "--out", str(tmp_path)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["settings"]["guidance"] == 2.5
+    assert report["settings"]["guidance"] == 2.5 and report["settings"]["guidance_rescale"] == 0.5
     assert list(report["schedules"]) == ["parallel"]
     result = report["schedules"]["parallel"]["per_prompt"][0]
     assert result["num_frames"] == 16 and result["prompt"] == ev.eval_prompts(1)[0][1]

@@ -37,6 +37,7 @@ def test_defaults_and_derived_values():
         ("steps", 0, "1"),
         ("steps", 201, "200"),
         ("guidance", -1, "0"),
+        ("guidance_rescale", 1.5, "1"),
         ("seed", -3, "0"),
         ("window", 1, "2"),
         ("codec", "vp9", "h264"),
