@@ -175,9 +175,14 @@ PRESETS: dict[str, ModelConfig] = {
         # 2×2 patches, but each latent covers 4×4 pixels, so the few-pixel shapes of the world survive the round
         # trip (a ×8 VAE with 8 or 16 latent channels blurred them into blobs: a shape detector found only a
         # quarter of the prompted objects in its reconstructions), and the small VAE trains several times faster.
-        vae=VAEConfig(latent_channels=4, channels=(32, 64, 128), spatial_factor=4, res_blocks=1, temporal_blocks=1),
+        # The decoder works at the frame rate after its latent-rate block (frame_blocks=1): a latent's four
+        # frames move instead of holding still and jumping at the next latent. The mixed noise prior (0.8 of
+        # the variance shared by a video's frames) cut the frame-to-frame jumps of the generated latents.
+        vae=VAEConfig(latent_channels=4, channels=(32, 64, 128), spatial_factor=4, res_blocks=1, temporal_blocks=1,
+                      frame_blocks=1),
         text=TextConfig(model_name="longshot-text-demo"),
         dit=DiTConfig(hidden=160, depth=5, heads=5, patch=4, max_window=16),
+        flow=FlowConfig(noise_correlation=0.8),
     ),
     # A GPU-sized configuration for throughput work (~239M DiT parameters: each block holds ~29.4M, of
     # which 9.4M are its adaLN modulation, so depth 12 at this width would exceed 350M).
