@@ -295,9 +295,7 @@ class VAETrainer(Trainer):
     def adapt_warm_start(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.model.cfg.vae.frame_blocks:
             return state
-        decoder = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
-        decoder = Decoder.frame_rate_state(decoder, self.model.cfg.vae.temporal_factor)
-        return {**state, **{f"decoder.{k}": v for k, v in decoder.items()}}
+        return Decoder.frame_rate_state(state, self.model.cfg.vae.temporal_factor, prefix="decoder.")
 
     @property
     def state_path(self) -> Path:

@@ -252,11 +252,12 @@ class Decoder(nn.Module):
         return out.reshape(b, self.tf, 3, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, 3, t * self.tf, h, w)
 
     @staticmethod
-    def frame_rate_state(state: dict[str, torch.Tensor], temporal_factor: int) -> dict[str, torch.Tensor]:
-        """A latent-rate decoder's weights adapted to the frame-rate decoder: the output layer's per-frame
-        channel groups averaged into one (every other tensor keeps its name and shape)."""
+    def frame_rate_state(state: dict[str, torch.Tensor], temporal_factor: int,
+                         prefix: str = "") -> dict[str, torch.Tensor]:
+        """A latent-rate decoder's weights (keys under ``prefix``) adapted to the frame-rate decoder: the output
+        layer's per-frame channel groups averaged into one (every other tensor keeps its name and shape)."""
         state = dict(state)
-        for key in ("conv_out.weight", "conv_out.bias"):
+        for key in (f"{prefix}conv_out.weight", f"{prefix}conv_out.bias"):
             if key in state and state[key].shape[0] == 3 * temporal_factor:
                 value = state[key]
                 state[key] = value.reshape(temporal_factor, 3, *value.shape[1:]).mean(dim=0)
