@@ -235,10 +235,31 @@ class Mlp(nn.Module):
 
 @dataclass
 class BlockCache:
-    """Temporal keys/values of observed frames for one block: (S, H, F_obs, hd) each."""
+    """Temporal keys/values of observed frames for one block: (S, H, F_obs, hd) each.
+
+    :meth:`with_window` appends a denoising step's window keys/values behind them. The joined tensors live in
+    buffers kept across the steps of one sampling call: the history is copied in once, and each later step
+    writes only its window's rows, so a step neither allocates nor copies the history again.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
+    joined_k: torch.Tensor | None = field(default=None, repr=False)
+    joined_v: torch.Tensor | None = field(default=None, repr=False)
+
+    def with_window(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, H, F_obs + F, hd) keys and values: the cached history, then this step's window."""
+        n = self.k.shape[2]
+        shape = (*self.k.shape[:2], n + k.shape[2], self.k.shape[3])
+        buf = self.joined_k
+        if buf is None or buf.shape != shape or buf.dtype != k.dtype or buf.device != k.device:
+            # First step (or a step in another dtype, e.g. under autocast): lay out history and window once.
+            self.joined_k = torch.cat([self.k.to(k.dtype), k], dim=2)
+            self.joined_v = torch.cat([self.v.to(v.dtype), v], dim=2)
+        else:
+            self.joined_k[:, :, n:].copy_(k)
+            self.joined_v[:, :, n:].copy_(v)
+        return self.joined_k, self.joined_v
 
 
 class DiTBlock(nn.Module):
@@ -292,8 +313,7 @@ class DiTBlock(nn.Module):
             if record is not None:
                 record.append(BlockCache(k, v))
             if cache is not None:
-                k = torch.cat([cache.k, k], dim=2)
-                v = torch.cat([cache.v, v], dim=2)
+                k, v = cache.with_window(k, v)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask)
             out[g.index] = attn.out(o)
         return out

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import Window
-from model.dit import VideoDiT
+from model.dit import BlockCache, VideoDiT
 from model_test_helpers import latents
 
 WINDOW = Window(observed_times=(9, 0, 3), latent_times=(5, 1, 7), height=8, width=8)
@@ -40,6 +40,26 @@ def test_window_without_observed_frames(tiny_gen):
     b = tiny_gen.sample(window, None, "fog", seed=1, steps=2, guidance=3.0, use_cache=False)
     assert a.shape == (3, tiny_gen.latent_channels, 4, 6)
     assert torch.equal(a, b)
+
+
+def test_block_cache_joins_history_and_window_in_a_buffer_kept_across_steps():
+    g = torch.Generator().manual_seed(0)
+    history_k, history_v = torch.randn(6, 2, 5, 4, generator=g), torch.randn(6, 2, 5, 4, generator=g)
+    cache = BlockCache(history_k.clone(), history_v.clone())
+    steps = [(torch.randn(6, 2, 3, 4, generator=g), torch.randn(6, 2, 3, 4, generator=g)) for _ in range(3)]
+    pointers = set()
+    for k, v in steps:
+        joined_k, joined_v = cache.with_window(k, v)
+        torch.testing.assert_close(joined_k, torch.cat([history_k, k], dim=2), rtol=0, atol=0)
+        torch.testing.assert_close(joined_v, torch.cat([history_v, v], dim=2), rtol=0, atol=0)
+        pointers.add((joined_k.data_ptr(), joined_v.data_ptr()))
+    assert len(pointers) == 1  # one allocation for all steps
+    # The history itself is never written to.
+    assert torch.equal(cache.k, history_k) and torch.equal(cache.v, history_v)
+    # A window of another length gets its own buffer.
+    k, v = torch.randn(6, 2, 1, 4, generator=g), torch.randn(6, 2, 1, 4, generator=g)
+    joined_k, _ = cache.with_window(k, v)
+    assert joined_k.shape == (6, 2, 6, 4) and torch.equal(joined_k[:, :, 5:], k)
 
 
 class ForwardCounter:
