@@ -57,9 +57,18 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def flow_loss(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-    """Mean squared velocity error over latent frames only (observed frames are given, not learned)."""
-    err = (prediction.float() - velocity_target(x0, noise).float()).pow(2).flatten(1).mean(1)  # (F,)
+def flow_loss(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor,
+              pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared velocity error over latent frames only (observed frames are given, not learned).
+
+    ``pixel_weight`` (F, h, w), optional: a weight for every latent pixel, normalised within each frame so that a
+    frame's loss keeps its scale and only the share of its pixels changes.
+    """
+    err = (prediction.float() - velocity_target(x0, noise).float()).pow(2).mean(1)  # (F, h, w)
+    if pixel_weight is not None:
+        w = pixel_weight.float()
+        err = err * (w / w.flatten(1).mean(1).clamp(min=1e-6)[:, None, None])
+    err = err.flatten(1).mean(1)  # (F,)
     weight = latent.float()
     return (err * weight).sum() / weight.sum().clamp(min=1.0)
 

@@ -481,6 +481,29 @@ def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, half: float) ->
     return np.maximum(dy - half, slant)
 
 
+def object_mask(spec: WorldSpec, frame_indices: Iterable[int], *, fps: float, width: int,
+                height: int) -> np.ndarray:
+    """Pixels covered by any object (at least half of the pixel) in the given frames, bool (T, height, width).
+
+    The same geometry as :func:`render_frames`, without the colours: training uses it to find the few latent
+    pixels that hold objects among the many that hold the backdrop.
+    """
+    _frame_geometry(width, height, fps)
+    times = _frame_times(frame_indices, fps)
+    mask = np.zeros((len(times), height, width), dtype=bool)
+    if not len(times):
+        return mask
+    xs = (np.arange(width, dtype=np.float32) + 0.5)[None, None, :]
+    ys = (np.arange(height, dtype=np.float32) + 0.5)[None, :, None]
+    for obj in spec.objects:
+        cx, cy = object_centres(obj, times, width, height)
+        half = np.float32(obj.size * min(width, height))
+        sdf = _signed_distance(obj.shape, xs - cx.astype(np.float32)[:, None, None],
+                               ys - cy.astype(np.float32)[:, None, None], half)
+        mask |= sdf <= 0.0
+    return mask
+
+
 def _background(spec: WorldSpec, times: np.ndarray, width: int, height: int, pad: int) -> np.ndarray:
     """Float32 canvas (T, H + 2 pad, W + 2 pad, 3) holding the backdrop in its central H x W region."""
     t_count = len(times)

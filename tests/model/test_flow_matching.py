@@ -32,6 +32,23 @@ def test_flow_loss_with_no_latent_frames_is_zero_not_nan():
     assert loss.item() == 0.0
 
 
+def test_flow_loss_pixel_weight_shifts_the_share_of_pixels_not_the_scale():
+    x0, noise = frames(0), frames(1)
+    latent = torch.ones(4, dtype=torch.bool)
+    prediction = velocity_target(x0, noise).clone()
+    prediction[:, :, 0, 0] += 1.0  # one latent pixel of 16 is wrong in every frame
+    plain = flow_loss(prediction, x0, noise, latent).item()
+    assert plain == pytest.approx(3 / (3 * 16))
+    uniform = torch.full((4, 4, 4), 7.0)
+    assert flow_loss(prediction, x0, noise, latent, uniform).item() == pytest.approx(plain)
+    on_error = torch.ones(4, 4, 4)
+    on_error[:, 0, 0] = 5.0  # the wrong pixel weighs 5 of a frame's total 20
+    assert flow_loss(prediction, x0, noise, latent, on_error).item() == pytest.approx(5 / 20)
+    elsewhere = torch.ones(4, 4, 4)
+    elsewhere[:, 1, 1] = 5.0
+    assert flow_loss(prediction, x0, noise, latent, elsewhere).item() == pytest.approx(1 / 20)
+
+
 def test_per_frame_noise_levels():
     x0, noise = frames(2), frames(3)
     t = torch.tensor([0.0, 0.25, 0.5, 1.0])

@@ -76,7 +76,7 @@ def test_the_dit_trains_on_pool_windows(tmp_path, capsys):
     assert main(["latents", *common, "--clips", "2"]) == 0
     assert (run / "latents.zarr" / "clip-00001").is_dir()
     capsys.readouterr()
-    assert main(["dit", *common, "--steps", "2", "--batch", "2", "--latents"]) == 0
+    assert main(["dit", *common, "--steps", "2", "--batch", "2", "--object-weight", "4", "--latents"]) == 0
     out = capsys.readouterr().out
     assert "windows from 2 pool clips" in out and "step 2/2" in out
     # A VAE trained further has another latent space: its DiT refuses the old pool.

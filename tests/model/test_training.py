@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from model.generator import Generator, Window
-from model.train import gradient_loss, main, sample_window, seam_loss
+from model.train import gradient_loss, main, object_loss_weight, sample_window, seam_loss
+from model.world import ObjectSpec, WorldSpec
 
 
 def test_training_windows_fit_the_model_and_practise_neighbouring_latents():
@@ -32,6 +33,19 @@ def test_training_windows_fit_the_model_and_practise_neighbouring_latents():
         unobserved += not observed
     assert adjacent / latents > 0.4
     assert 0.1 < unobserved / windows < 0.5  # keyframe windows, and not only those
+
+
+def test_object_loss_weight_marks_the_latent_pixels_an_object_crosses():
+    obj = ObjectSpec(shape="square", colour="red", size=0.1, motion="wrap", x=0.5, y=0.5, vx=0.2)
+    spec = WorldSpec(background="grey", objects=(obj,))
+    weight = object_loss_weight(spec, [0, 6], 24, 128, 80, 4, 3.0)
+    assert weight.shape == (2, 20, 32) and set(weight.unique().tolist()) == {1.0, 4.0}
+    rows, cols = torch.nonzero(weight[0] > 1, as_tuple=True)
+    # The 16-pixel square at (56..71, 32..47) spans latent columns 14..17 and rows 8..11.
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (8, 11, 14, 17)
+    # Latent frame 6 holds video frames 21..24, over which the square moves right: it covers more columns.
+    later = torch.nonzero(weight[1] > 1, as_tuple=True)[1]
+    assert later.min() > 14 and later.max() - later.min() > 3
 
 
 def test_gradient_loss_sees_a_moved_object_that_colour_alone_would_forgive():
@@ -76,7 +90,7 @@ def test_every_part_trains_resumes_and_exports(tmp_path, capsys):
 
     assert main(["vae", *common, "--steps", "1", "--batch", "1", "--decoder-only", "--seam", "4"]) == 0
     assert main(["text", *common, "--steps", "2", "--batch", "4"]) == 0
-    assert main(["dit", *common, "--steps", "2", "--batch", "2"]) == 0
+    assert main(["dit", *common, "--steps", "2", "--batch", "2", "--object-weight", "4"]) == 0
     out = tmp_path / "checkpoint"
     assert main(["export", "--preset", "tiny", "--run", str(run), "--out", str(out)]) == 0
 

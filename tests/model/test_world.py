@@ -163,6 +163,24 @@ def test_object_pixels_and_bounding_boxes_match_ground_truth():
                     assert abs(cols.min() - x0) < 1.5 and abs(rows.min() - y0) < 1.5
 
 
+def test_object_mask_covers_exactly_the_object_pixels():
+    for seed in range(4):
+        spec = world.sample_world(seed, pattern="none")
+        indices = range(0, 200, 50)
+        frames = world.render_frames(spec, indices, fps=24, width=128, height=80)
+        mask = world.object_mask(spec, indices, fps=24, width=128, height=80)
+        assert mask.shape == (4, 80, 128) and mask.dtype == bool
+        background = np.asarray(world.PALETTE[spec.background])
+        # A pixel more than half covered is nearer an object colour than the backdrop; edge pixels blend.
+        off_backdrop = np.abs(frames.astype(int) - background).sum(-1) > 0
+        assert (mask <= off_backdrop).all()
+        assert mask.sum() >= 0.7 * off_backdrop.sum() > 0
+    resting = _single("rest", x=0.5, y=0.5, size=0.1)  # a 16-pixel square around (64, 40)
+    mask = world.object_mask(resting, [0], fps=24, width=128, height=80)[0]
+    rows, cols = np.nonzero(mask)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (32, 47, 56, 71)
+
+
 def test_edges_are_anti_aliased():
     spec = _single("rest", shape="circle", colour="white", x=0.5, y=0.5, size=0.2)
     spec = dataclasses.replace(spec, background="black")
