@@ -14,7 +14,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -356,6 +356,26 @@ class Generator:
         result = torch.empty_like(x)
         result[torch.tensor(lat_order, device=dev)] = x  # back to the caller's order of latent_times
         return result.float().cpu()
+
+    @torch.no_grad()
+    def predict_clean(self, noisy_latents: torch.Tensor, times: Sequence[int], level: float,
+                      prompt: str | TextEmbedding) -> torch.Tensor:
+        """One conditional DiT call on latent frames ``times`` all at noise ``level`` (0 clean, 1 noise):
+        its estimate of the clean latents, (n, C, h, w) float32 on the CPU. For measuring the DiT, not sampling."""
+        if not 0.0 <= level <= 1.0:
+            raise ValueError(f"level: {level!r} must be in [0, 1]")
+        n = len(times)
+        if noisy_latents.dim() != 4 or len(noisy_latents) != n or noisy_latents.shape[1] != self.latent_channels:
+            raise ValueError(f"noisy_latents: expected ({n}, {self.latent_channels}, h, w), "
+                             f"got {tuple(noisy_latents.shape)}")
+        dev = self.device
+        text = (prompt if isinstance(prompt, TextEmbedding) else self.encode_text([prompt])).to(dev)
+        x = noisy_latents.to(dev, torch.float32)
+        t = torch.full((n,), float(level), device=dev)
+        win = FrameInputs(x, torch.zeros(n, dtype=torch.bool, device=dev), torch.as_tensor(list(times), device=dev), t)
+        with self._autocast():
+            velocity = self._dit_call([win], text.tokens, text.mask, text.pooled)[0].float()
+        return (x - t.view(-1, 1, 1, 1) * velocity).cpu()  # x_t = (1 - t) x0 + t noise, v = noise - x0
 
     # -- VAE ----------------------------------------------------------------------------------------------
     @torch.no_grad()

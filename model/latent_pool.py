@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import zarr
 
-from model.world import EVAL_SEED_BASE, caption, render_frames, sample_world
+from model.world import EVAL_SEED_BASE, caption, object_mask, render_frames, sample_world
 
 POOL_FORMAT = 1
 # Latent frames per chunk: a window reads a few chunks; a chunk at 128x80 is 16 x 4 x 20 x 32 halves (80 kB).
@@ -47,6 +47,17 @@ class PoolMismatch(ValueError):
 def frames_of_latent(i: int) -> list[int]:
     """Video frames that latent frame i covers (latent 0 holds frame 0 alone)."""
     return [0] if i == 0 else list(range(4 * i - 3, 4 * i + 1))
+
+
+def latent_object_mask(spec, times: list[int], fps: float, width: int, height: int,
+                       spatial_factor: int) -> torch.Tensor:
+    """Latent pixels of latent frames ``times`` that an object touches, float 0/1 (F, h, w): 1 where an object
+    covers any pixel of the latent pixel in any of the video frames it encodes."""
+    groups = [frames_of_latent(int(i)) for i in times]
+    covered = torch.from_numpy(object_mask(spec, [f for g in groups for f in g], fps=fps, width=width,
+                                           height=height)).float()
+    per_latent = torch.stack([part.amax(0) for part in covered.split([len(g) for g in groups])])
+    return torch.nn.functional.max_pool2d(per_latent[:, None], spatial_factor)[:, 0]
 
 
 def num_latents(seconds: float, fps: int) -> int:

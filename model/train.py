@@ -38,10 +38,10 @@ from model.config import ModelConfig, get_preset, preset_names
 from model.dit import FrameInputs
 from model.flow import flow_loss, noisy, sample_training_times, video_noise
 from model.generator import WEIGHTS_FILE, Generator, VideoModel, _quiet_open_clip
-from model.latent_pool import (CLIP_FPS, CLIP_SECONDS, LatentPool, build_pool, encode_groups, frames_of_latent,
+from model.latent_pool import (CLIP_FPS, CLIP_SECONDS, LatentPool, build_pool, encode_groups, latent_object_mask,
                                num_latents, to_pixels)
 from model.vae import Decoder
-from model.world import EVAL_SEED_BASE, caption, object_mask, render_frames, sample_world
+from model.world import EVAL_SEED_BASE, caption, render_frames, sample_world
 
 PARTS = ("vae", "text", "dit")
 POOL_NAME = "latents.zarr"  # a run's latent pool for DiT training (``longshot train latents``)
@@ -468,12 +468,7 @@ def object_loss_weight(spec, times: list[int], fps: int, width: int, height: int
     Objects cover a few percent of a frame and the backdrop the rest; under a plain mean the flat backdrop,
     learned early, keeps most of the gradient while the objects, which the prompt is about, stay blobs.
     """
-    groups = [frames_of_latent(i) for i in times]
-    covered = torch.from_numpy(object_mask(spec, [f for g in groups for f in g], fps=fps, width=width,
-                                           height=height)).float()
-    per_latent = torch.stack([part.amax(0) for part in covered.split([len(g) for g in groups])])
-    hit = F.max_pool2d(per_latent[:, None], spatial_factor)[:, 0]
-    return 1.0 + extra * hit
+    return 1.0 + extra * latent_object_mask(spec, times, fps, width, height, spatial_factor)
 
 
 class DiTTrainer(Trainer):

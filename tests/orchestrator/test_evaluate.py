@@ -249,6 +249,42 @@ def test_reconstruction_ceiling_is_full_for_a_lossless_vae_and_empty_for_a_flat_
     assert flat["adherence"] == 0.0
 
 
+def test_denoising_error_splits_objects_from_backdrop():
+    from model.generator import Generator
+    from model.latent_pool import latent_object_mask
+
+    generator = Generator.from_preset("tiny")
+    prompts = ev.eval_prompts(2)
+    size = dict(width=64, height=64, fps=8)
+    plain = ev.denoising_error(generator, prompts, latent_frames=3, **size)
+    assert plain["levels"] == list(ev.DENOISE_LEVELS) and plain["prompts"] == 2 and plain["latent_frames"] == 3
+    assert all(v > 0 and math.isfinite(v) for v in plain["objects"] + plain["backdrop"])
+
+    # An estimate off by exactly 1 on the object pixels and right elsewhere scores 1 and 0.
+    truth = {}
+    for seed, prompt in prompts:
+        spec = world.sample_world(seed)
+        clean = generator.encode(world.render_frames(spec, range(9), **size))
+        truth[prompt] = clean + latent_object_mask(spec, [0, 1, 2], 8, 64, 64, generator.config.vae.spatial_factor)[:, None]
+    generator.predict_clean = lambda noisy, times, level, prompt: truth[prompt]
+    split = ev.denoising_error(generator, prompts, latent_frames=3, **size)
+    assert split["objects"] == [1.0, 1.0, 1.0] and split["backdrop"] == [0.0, 0.0, 0.0]
+
+
+def test_predict_clean_inverts_the_noising_for_the_true_velocity():
+    import torch
+
+    from model.generator import Generator
+
+    generator = Generator.from_preset("tiny")
+    clean, noise = torch.randn(2, generator.latent_channels, 4, 4), torch.randn(2, generator.latent_channels, 4, 4)
+    generator._dit_call = lambda windows, *text, **kw: [noise - clean]  # the exact velocity
+    estimate = generator.predict_clean(0.4 * clean + 0.6 * noise, [0, 1], 0.6, "a red circle resting")
+    torch.testing.assert_close(estimate, clean)
+    with pytest.raises(ValueError, match="level"):
+        generator.predict_clean(clean, [0, 1], 1.5, "a red circle resting")
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 
@@ -258,7 +294,7 @@ def test_longshot_eval_end_to_end(tmp_path, capsys):
     code = ev.main(["--json", "--seconds", "2", "--prompts", "1", "--schedules", "parallel",
                  "--model", "tiny", "--width", "64", "--height", "64", "--fps", "8", "--steps", "1",
                  "--guidance", "2.5", "--guidance-rescale", "0.5", "--workers", "1", "--engine", "eager",
-                 "--vae-clips", "1",
+                 "--vae-clips", "1", "--denoise-frames", "2",
                  "--out", str(tmp_path)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
@@ -274,5 +310,6 @@ def test_longshot_eval_end_to_end(tmp_path, capsys):
     assert report["world"]["summary"]["adherence"] == 1.0
     assert report["vae"]["clips"] == 1 and report["vae"]["psnr"] > 0
     assert 0.0 <= report["vae"]["reconstruction"]["adherence"] <= 1.0
+    assert report["denoising"]["latent_frames"] == 2 and len(report["denoising"]["objects"]) == 3
     targets = {(c["target"], c["schedule"]) for c in report["checks"]}
     assert {("vae_psnr", None), ("adherence", "parallel"), ("seam_ratio", "parallel")} <= targets
