@@ -594,6 +594,33 @@ def denoising_error(generator: Any, prompts: Sequence[tuple[int, str]], *, width
             "prompts": len(prompts), "latent_frames": latent_frames}
 
 
+def window_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, width: int, height: int, fps: float,
+                     steps: int, guidance: float, guidance_rescale: float = 0.0, latent_frames: int = 16,
+                     seed: int = 0) -> dict:
+    """Adherence of one generated window per prompt: ``latent_frames`` latent frames sampled with nothing
+    observed (a keyframe task's shape), decoded, and scored over their whole length.
+
+    A full render costs minutes per prompt, so the schedules' adherence rests on a few prompts and moves by whole
+    objects; a window costs seconds, so this one can average dozens. It measures the DiT and the decoder alone:
+    no schedule, no seams.
+    """
+    from model.generator import Window
+
+    h, w = generator.latent_size(height, width)
+    window = Window((), tuple(range(latent_frames)), h, w)
+    adherence, background = [], []
+    for k, (_, prompt) in enumerate(prompts):
+        latents = generator.sample(window, None, prompt, seed=seed + k, steps=steps, guidance=guidance,
+                                   guidance_rescale=guidance_rescale)
+        frames = generator.decode(latents).numpy()
+        result = evaluate_video(frames, prompt, fps, adherence_seconds=len(frames) / fps)
+        adherence.append(result["adherence"])
+        if result["background"]["correct"] is not None:
+            background.append(float(result["background"]["correct"]))
+    return {"adherence": _rounded(_mean(adherence)), "background_correct": _rounded(_mean(background)),
+            "prompts": len(prompts), "latent_frames": latent_frames}
+
+
 def eval_prompts(count: int) -> list[tuple[int, str]]:
     """The fixed evaluation prompt set: (world seed, caption) of held-out worlds."""
     return [(PROMPT_SEED_BASE + k, world.caption(world.sample_world(PROMPT_SEED_BASE + k))) for k in range(count)]
@@ -637,6 +664,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--vae-clips", type=int, default=4, help="held-out clips for VAE PSNR (0 skips it)")
     parser.add_argument("--denoise-frames", type=int, default=16,
                         help="latent frames of each prompt's world video for the DiT's denoising error (0 skips it)")
+    parser.add_argument("--window-prompts", type=int, default=16,
+                        help="prompts scored on one generated window each, no render (0 skips; default 16)")
     parser.add_argument("--out", default=None, help="keep videos and stores in this directory (default: temporary)")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
     args = parser.parse_args(argv)
@@ -648,6 +677,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--vae-clips={args.vae_clips}: must be in 0..1000")
     if not 0 <= args.denoise_frames <= 64:
         parser.error(f"--denoise-frames={args.denoise_frames}: must be in 0..64")
+    if not 0 <= args.window_prompts <= 1000:
+        parser.error(f"--window-prompts={args.window_prompts}: must be in 0..1000")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers={args.workers}: must be at least 1")
     args.schedules = list(dict.fromkeys(s.strip() for s in args.schedules.split(",") if s.strip()))
@@ -793,6 +824,10 @@ def _print_table(report: dict) -> None:
                                                                                  d["backdrop"]))
         console.print(f"DiT denoising error (clean-latent MSE, objects / backdrop, by noise level) on "
                       f"{d['latent_frames']} latent frames of each prompt's world video: {pairs}")
+    if report.get("window"):
+        win = report["window"]
+        console.print(f"One generated window of {win['latent_frames']} latent frames per prompt, {win['prompts']} "
+                      f"prompts: adherence {win['adherence']}, background correct {win['background_correct']}")
     failed = [c for c in report["checks"] if c["passed"] is False]
     console.print(f"{len(report['checks']) - len(failed)} of {len(report['checks'])} target checks pass.")
 
@@ -838,14 +873,20 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         reference.append(evaluate_video(frames, prompt, fps, boundaries) | {"world_seed": seed})
     world_column = {"summary": summarise(reference), "per_prompt": reference}
 
-    vae = denoising = None
-    generator = load_generator(args.model) if args.vae_clips or args.denoise_frames else None
+    vae = denoising = windows = None
+    generator = (load_generator(args.model) if args.vae_clips or args.denoise_frames or args.window_prompts
+                 else None)
     if args.vae_clips:
         vae = vae_psnr(generator, clips=args.vae_clips, width=width, height=height, fps=fps)
         vae["reconstruction"] = reconstruction_ceiling(generator, prompts, width=width, height=height, fps=fps)
     if args.denoise_frames:
         denoising = denoising_error(generator, prompts, width=width, height=height, fps=fps,
                                     latent_frames=min(args.denoise_frames, generator.max_window), seed=args.seed)
+    if args.window_prompts:
+        windows = window_adherence(generator, eval_prompts(args.window_prompts), width=width, height=height,
+                                   fps=fps, steps=first_job.steps, guidance=first_job.guidance,
+                                   guidance_rescale=first_job.guidance_rescale,
+                                   latent_frames=generator.max_window, seed=args.seed)
     checks = check_targets({s: v["summary"] for s, v in schedules.items()}, vae)
     return {
         "settings": {"prompts": args.prompts, "seconds": seconds, "schedules": args.schedules,
@@ -860,6 +901,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         WORLD_COLUMN: world_column,
         "vae": vae,
         "denoising": denoising,
+        "window": windows,
         "checks": checks,
     }
 

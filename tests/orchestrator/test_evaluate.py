@@ -271,6 +271,42 @@ def test_denoising_error_splits_objects_from_backdrop():
     assert split["objects"] == [1.0, 1.0, 1.0] and split["backdrop"] == [0.0, 0.0, 0.0]
 
 
+class _WorldPainter:
+    """A generator whose windows are the prompt's own world video (or, with ``flat``, its mean colour)."""
+
+    def __init__(self, prompts, flat: bool = False):
+        self.worlds = {prompt: world.sample_world(seed) for seed, prompt in prompts}
+        self.flat, self.seeds = flat, []
+
+    def latent_size(self, height, width):
+        return height, width
+
+    def sample(self, window, observed, prompt, *, seed, steps, guidance, guidance_rescale):
+        import torch
+
+        self.seeds.append(seed)
+        num_frames = 1 + 4 * (len(window.latent_times) - 1)
+        frames = world.render_frames(self.worlds[prompt], range(num_frames), fps=8, width=window.width,
+                                     height=window.height)
+        return torch.from_numpy(np.ascontiguousarray(frames))
+
+    def decode(self, latents):
+        if self.flat:
+            return latents.float().mean(dim=(0, 1, 2), keepdim=True).expand(latents.shape).to(latents.dtype)
+        return latents
+
+
+def test_window_adherence_finds_the_prompt_in_a_faithful_window_and_nothing_in_a_flat_one():
+    prompts = ev.eval_prompts(3)
+    size = dict(width=64, height=64, fps=8, steps=1, guidance=1.0, latent_frames=4)
+    painter = _WorldPainter(prompts)
+    faithful = ev.window_adherence(painter, prompts, seed=5, **size)
+    assert faithful == {"adherence": 1.0, "background_correct": 1.0, "prompts": 3, "latent_frames": 4}
+    assert painter.seeds == [5, 6, 7], "every prompt samples its own noise"
+    flat = ev.window_adherence(_WorldPainter(prompts, flat=True), prompts, **size)
+    assert flat["adherence"] == 0.0
+
+
 def test_predict_clean_inverts_the_noising_for_the_true_velocity():
     import torch
 
@@ -294,7 +330,7 @@ def test_longshot_eval_end_to_end(tmp_path, capsys):
     code = ev.main(["--json", "--seconds", "2", "--prompts", "1", "--schedules", "parallel",
                  "--model", "tiny", "--width", "64", "--height", "64", "--fps", "8", "--steps", "1",
                  "--guidance", "2.5", "--guidance-rescale", "0.5", "--workers", "1", "--engine", "eager",
-                 "--vae-clips", "1", "--denoise-frames", "2",
+                 "--vae-clips", "1", "--denoise-frames", "2", "--window-prompts", "2",
                  "--out", str(tmp_path)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
@@ -311,5 +347,6 @@ def test_longshot_eval_end_to_end(tmp_path, capsys):
     assert report["vae"]["clips"] == 1 and report["vae"]["psnr"] > 0
     assert 0.0 <= report["vae"]["reconstruction"]["adherence"] <= 1.0
     assert report["denoising"]["latent_frames"] == 2 and len(report["denoising"]["objects"]) == 3
+    assert report["window"]["prompts"] == 2 and 0.0 <= report["window"]["adherence"] <= 1.0
     targets = {(c["target"], c["schedule"]) for c in report["checks"]}
     assert {("vae_psnr", None), ("adherence", "parallel"), ("seam_ratio", "parallel")} <= targets
