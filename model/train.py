@@ -453,11 +453,11 @@ def sample_window(rng: random.Random, num_latents: int, max_window: int) -> tupl
     return sorted(chosen), latent
 
 
-# Objects then hold about half of a window's loss weight instead of a tenth. Measured from the 16,000-step demo
-# DiT, 600 steps with and without it: the x0 error on object pixels at noise 0.6 / 0.9 went to 0.094 / 0.295
-# with it and 0.111 / 0.333 without (0.106 / 0.320 before), for a backdrop error that rose from 0.028 to 0.053 at
-# noise 0.9 (still a fifth of the objects').
-OBJECT_WEIGHT = 4.0
+# Off by default: the shipped DiT trained on a plain mean. A weight of 4 gives objects about half of a window's
+# loss instead of a tenth; from the 16,000-step demo DiT, 600 steps with it cut the x0 error on object pixels at
+# noise 0.6 / 0.9 to 0.094 / 0.295 (0.111 / 0.333 without), but at 26,000 steps the backdrop's error at noise 0.9
+# had doubled and 60-s renders had worse seams (MODEL_CARD.md, "Weighing the object pixels").
+OBJECT_WEIGHT = 0.0
 
 
 def object_loss_weight(spec, times: list[int], fps: int, width: int, height: int, spatial_factor: int,
@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="latents: replace a pool built by another encoder or seed")
     parser.add_argument("--object-weight", type=float, default=OBJECT_WEIGHT, metavar="A",
                         help="dit: extra loss weight on latent pixels that objects cover (1 + A there, 1 elsewhere; "
-                             f"default {OBJECT_WEIGHT:g}, 0 for a plain mean)")
+                             f"default {OBJECT_WEIGHT:g}: a plain mean)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--save-every", type=int, default=100)
