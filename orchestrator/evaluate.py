@@ -566,7 +566,7 @@ def denoising_error(generator: Any, prompts: Sequence[tuple[int, str]], *, width
     """
     import torch
 
-    from model.flow import video_noise
+    from model.flow import noisy, video_noise
     from model.latent_pool import latent_object_mask
 
     num_frames = 1 + LATENT_FRAME_STRIDE * (latent_frames - 1)
@@ -581,7 +581,8 @@ def denoising_error(generator: Any, prompts: Sequence[tuple[int, str]], *, width
             noise = video_noise(len(clean), tuple(clean.shape[1:]), generator.config.flow.noise_correlation,
                                 own=torch.Generator().manual_seed(seed + 1000 * k + j),
                                 shared=torch.Generator().manual_seed(seed + 1000 * k))
-            estimate = generator.predict_clean((1 - level) * clean + level * noise, times, level, prompt)
+            estimate = generator.predict_clean(noisy(clean, noise, torch.full((len(clean),), level)), times,
+                                               level, prompt)
             error = (estimate - clean).pow(2).mean(1)  # (F, h, w)
             total = sums[level]
             total[0] += float(error[objects].sum())
