@@ -82,10 +82,9 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     patch: int = 2
     max_window: int = 16  # observed + latent frames in one window
-    # Feature channels of a small 3x3 convolutional head on each output frame (0: none). Every token predicts
-    # its patch alone, so with large patches the prediction shows the patch grid; the head sees across patch
-    # borders (after U-ViT's final convolution). Starts as the identity. Off in the presets: 1,100 steps of it
-    # on the x4 demo latents made seams worse, not better.
+    # Feature channels of a 3x3 convolutional head on each output frame (0: none; see dit.RefineHead). Every
+    # token predicts its patch through one linear layer, so with 4x4 patches small objects lose their corners;
+    # the head works per latent pixel and across patch borders. Starts as the identity.
     refine: int = 0
     rope_theta_space: float = 100.0
     rope_theta_time: float = 10000.0

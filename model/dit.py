@@ -337,9 +337,13 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden, out_dim)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The modulated, normalised token features the output layer reads."""
         shift, scale = self.ada(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return modulate(self.norm(x), shift, scale)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x, c))
 
 
 @dataclass
@@ -362,22 +366,48 @@ class FrameInputs:
 
 
 class RefineHead(nn.Module):
-    """Residual 3x3 convolutions over each frame's velocity and its input latents (F, C, h, w)."""
+    """Residual 3x3 convolutions over each output frame at the latent resolution.
 
-    def __init__(self, channels: int, hidden: int):
+    With 4x4 patches on x4 latents an object a dozen pixels across lies inside one or two tokens, and a token
+    predicts its patch through one linear layer: the measured result is objects whose corners round off even
+    from a nearly clean input (one clean-latent estimate at noise 0.2 kept the prompted shapes of 0.41 of the
+    objects; the decoded clean latents kept 0.73). The head works where the shapes are, per latent pixel and
+    across patch borders (after U-ViT's final convolution): it reads the velocity, the noisy input latents, the
+    noise level and ``features`` channels per pixel unpacked from the tokens' final features (what the DiT
+    knows of the prompt and the scene), and adds a correction to the velocity. It starts as the identity, so a
+    warm-started DiT keeps its predictions, and it can be trained alone on a frozen DiT
+    (``longshot train dit --head-only``).
+    """
+
+    def __init__(self, channels: int, hidden: int, token_dim: int, patch: int, features: int = 8):
         super().__init__()
-        self.conv1 = nn.Conv2d(2 * channels, hidden, 3, padding=1)
-        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
+        self.patch, self.feature_channels = patch, features
+        self.unpack = nn.Linear(token_dim, features * patch * patch)
+        self.conv1 = nn.Conv2d(2 * channels + 1 + features, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.conv3 = nn.Conv2d(hidden, channels, 3, padding=1)
 
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.conv1.weight, a=5 ** 0.5)
-        nn.init.zeros_(self.conv1.bias)
-        nn.init.zeros_(self.conv2.weight)  # the identity at first: a warm-started DiT keeps its predictions
-        nn.init.zeros_(self.conv2.bias)
+        for conv in (self.conv1, self.conv2):
+            nn.init.kaiming_uniform_(conv.weight, a=5 ** 0.5)
+            nn.init.zeros_(conv.bias)
+        nn.init.xavier_uniform_(self.unpack.weight)
+        nn.init.zeros_(self.unpack.bias)
+        nn.init.zeros_(self.conv3.weight)  # the identity at first: a warm-started DiT keeps its predictions
+        nn.init.zeros_(self.conv3.bias)
 
-    def forward(self, velocity: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([velocity, frames.to(velocity.dtype)], dim=1)
-        return velocity + self.conv2(F.silu(self.conv1(x)))
+    def token_features(self, tokens: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
+        """(f * h/p * w/p, D) token features -> (f, features, h, w) per latent pixel."""
+        p, k = self.patch, self.feature_channels
+        x = self.unpack(tokens).reshape(f, h // p, w // p, k, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(f, k, h, w)
+
+    def forward(self, velocity: torch.Tensor, frames: torch.Tensor, noise: torch.Tensor,
+                tokens: torch.Tensor) -> torch.Tensor:
+        f, _, h, w = velocity.shape
+        level = noise.to(velocity.dtype)[:, None, None, None].expand(f, 1, h, w)
+        x = torch.cat([velocity, frames.to(velocity.dtype), level, self.token_features(tokens, f, h, w)], dim=1)
+        return velocity + self.conv3(F.silu(self.conv2(F.silu(self.conv1(x)))))
 
 
 class VideoDiT(nn.Module):
@@ -396,7 +426,7 @@ class VideoDiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(cfg, text_dim) for _ in range(cfg.depth)])
         self.ada = nn.ModuleList([nn.Sequential(nn.SiLU(), nn.Linear(d, 9 * d)) for _ in range(cfg.depth)])
         self.final = FinalLayer(d, latent_channels * p * p)
-        self.refine = RefineHead(latent_channels, cfg.refine) if cfg.refine else None
+        self.refine = RefineHead(latent_channels, cfg.refine, d, p) if cfg.refine else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -482,12 +512,15 @@ class VideoDiT(nn.Module):
             mod = self.ada[i](c)[layout.frame_of_token]  # (L, 9D)
             x = block(x, mod, layout, text_kv[i], text_mask,
                       cache=None if cache is None else cache.blocks[i], record=record)
-        x = self.final(x, c[layout.frame_of_token])
+        features = self.final.features(x, c[layout.frame_of_token])
+        x = self.final.linear(features)
         outs, start = [], 0
         for (f, h, w), win in zip(shapes, windows):
             n = f * h * w
             out = self.unpatchify(x[start:start + n], f, win.frames.shape[2], win.frames.shape[3])
-            outs.append(out if self.refine is None else self.refine(out, win.frames))
+            if self.refine is not None:
+                out = self.refine(out, win.frames, win.noise, features[start:start + n])
+            outs.append(out)
             start += n
         return outs
 

@@ -133,6 +133,7 @@ class Trainer:
         self.step = 0
         self.rng = random.Random(rng_seed)
         self.ema: dict[str, torch.Tensor] | None = None
+        self.warm_source: str | None = None  # where a warm-started run's first weights came from
 
     def module(self) -> torch.nn.Module:
         return getattr(self.model, self.part)
@@ -152,6 +153,7 @@ class Trainer:
         taken = {k: v.to(own[k].dtype) for k, v in state.items() if k in own and own[k].shape == v.shape}
         skipped = sorted(set(own) - set(taken))
         self.module().load_state_dict({**own, **taken})
+        self.warm_source = str(source)
         print(f"[{self.part}] warm start from {source}: {len(taken)} tensors copied, {len(skipped)} kept fresh "
               f"({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})", flush=True)
 
@@ -168,6 +170,7 @@ class Trainer:
             self.opt.load_state_dict(state["optimizer"])
             self.step = state["step"]
             self.ema = state.get("ema")
+            self.warm_source = state.get("init_from")
             self.rng.setstate(state["rng"])
             torch.set_rng_state(state["torch_rng"])
             print(f"[{self.part}] resumed at step {self.step} from {self.state_path}", flush=True)
@@ -175,11 +178,13 @@ class Trainer:
     def save(self, final: bool = False) -> None:
         atomic_torch_save({"weights": self.module().state_dict(), "optimizer": self.opt.state_dict(),
                            "step": self.step, "ema": self.ema, "rng": self.rng.getstate(),
+                           "init_from": self.warm_source,
                            "torch_rng": torch.get_rng_state()}, self.state_path)
         weights = self.ema if self.ema is not None else self.module().state_dict()
         atomic_save_safetensors(weights, self.paths.weights)
         meta = {"part": self.part, "preset": self.args.preset, "step": self.step, "final": final,
-                "ema": self.ema is not None, **self.metadata()}
+                "ema": self.ema is not None, **({"init_from": self.warm_source} if self.warm_source else {}),
+                **self.metadata()}
         self.paths.meta.write_text(json.dumps(meta, indent=2))
 
     def metadata(self) -> dict:
@@ -475,7 +480,16 @@ class DiTTrainer(Trainer):
     part = "dit"
 
     def __init__(self, args, model: VideoModel):
-        super().__init__(args, model, model.dit.parameters(), rng_seed=args.seed + 2)
+        self.head_only = bool(getattr(args, "head_only", False))
+        if self.head_only:
+            if model.dit.refine is None:
+                raise ValueError("--head-only: this run's DiT has no refine head (dit.refine is 0 in its model.json)")
+            # The blocks stay as warm-started: no gradients flow through them, so a step costs about a DiT
+            # forward pass plus the head's.
+            model.dit.requires_grad_(False)
+            model.dit.refine.requires_grad_(True)
+        params = model.dit.refine.parameters() if self.head_only else model.dit.parameters()
+        super().__init__(args, model, params, rng_seed=args.seed + 2)
         self.model.vae.eval().requires_grad_(False)
         self.model.text.eval().requires_grad_(False)
         self.text_cache: dict[str, tuple] = {}
@@ -486,6 +500,9 @@ class DiTTrainer(Trainer):
         if self.pool is not None:
             print(f"[dit] windows from {len(self.pool)} pool clips at {args.latents} "
                   f"(frame sizes {', '.join(f'{w}x{h}' for w, h in self.pool.sizes)})", flush=True)
+
+    def metadata(self) -> dict:
+        return {"head_only": True} if self.head_only else {}
 
     def encode_latents(self, spec, times: list[int], fps: int, w: int, h: int) -> torch.Tensor:
         """Latent frames at absolute indices ``times``, normalised: each encoded from just its own frames."""
@@ -658,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--object-weight", type=float, default=OBJECT_WEIGHT, metavar="A",
                         help="dit: extra loss weight on latent pixels that objects cover (1 + A there, 1 elsewhere; "
                              f"default {OBJECT_WEIGHT:g}: a plain mean)")
+    parser.add_argument("--head-only", action="store_true",
+                        help="dit: train the refine head alone (dit.refine > 0 in the run's model.json) on the "
+                             "frozen, warm-started DiT")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--save-every", type=int, default=100)

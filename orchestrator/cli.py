@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--guidance", type=float)
     r.add_argument("--guidance-rescale", type=float, dest="guidance_rescale",
                    help="0..1: scale the guided prediction back to the conditional one's spread (default 0)")
+    r.add_argument("--infill-guidance", type=float, dest="infill_guidance",
+                   help="guidance of infill tasks, whose frames lie between observed frames (default: 1, or "
+                        "--guidance if lower)")
     r.add_argument("--sampler", help="euler or heun")
     r.add_argument("--schedule", help="parallel (default), autoregressive, long-range, hierarchy-2, hierarchy-3")
     r.add_argument("--window", type=int, help="frames per model call (default: the model's maximum)")
@@ -100,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _spec_overrides(args) -> dict:
     overrides = {k: getattr(args, k) for k in (
         "prompt", "output", "seconds", "fps", "width", "height", "seed", "steps", "guidance", "guidance_rescale",
-        "sampler", "schedule", "window", "model", "codec", "quality", "store", "loop")}
+        "infill_guidance", "sampler", "schedule", "window", "model", "codec", "quality", "store", "loop")}
     if args.image:
         from orchestrator.spec import ImageInput
 

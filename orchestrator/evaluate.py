@@ -563,6 +563,10 @@ def denoising_error(generator: Any, prompts: Sequence[tuple[int, str]], *, width
     Rendering turns a small change of the DiT into a whole object found or lost, so adherence on a few prompts
     moves in steps; this error moves smoothly, needs one DiT call per level and prompt, and tells objects from
     backdrop, which the plain training loss averages away.
+
+    ``adherence`` scores each decoded estimate as a video of its own (every frame counts): whether the objects
+    keep their colour and shape through one estimate. ``adherence_clean`` scores the decoded clean latents,
+    the most any estimate can keep.
     """
     import torch
 
@@ -572,11 +576,18 @@ def denoising_error(generator: Any, prompts: Sequence[tuple[int, str]], *, width
     num_frames = 1 + LATENT_FRAME_STRIDE * (latent_frames - 1)
     times = list(range(latent_frames))
     sums = {level: [0.0, 0.0, 0.0, 0.0] for level in levels}  # object error, object pixels, backdrop error, pixels
+    kept: dict[float, list[float | None]] = {level: [] for level in (0.0, *levels)}
+
+    def adherence_of(latents: Any, prompt: str) -> float | None:
+        frames = _as_frames(generator.decode(latents))
+        return evaluate_video(frames, prompt, fps, adherence_seconds=len(frames) / fps)["adherence"]
+
     for k, (world_seed, prompt) in enumerate(prompts):
         spec = world.sample_world(world_seed)
         frames = world.render_frames(spec, range(num_frames), fps=fps, width=width, height=height)
         clean = generator.encode(frames)
         objects = latent_object_mask(spec, times, fps, width, height, generator.config.vae.spatial_factor).bool()
+        kept[0.0].append(adherence_of(clean, prompt))
         for j, level in enumerate(levels):
             noise = video_noise(len(clean), tuple(clean.shape[1:]), generator.config.flow.noise_correlation,
                                 own=torch.Generator().manual_seed(seed + 1000 * k + j),
@@ -584,6 +595,7 @@ def denoising_error(generator: Any, prompts: Sequence[tuple[int, str]], *, width
             estimate = generator.predict_clean(noisy(clean, noise, torch.full((len(clean),), level)), times,
                                                level, prompt)
             error = (estimate - clean).pow(2).mean(1)  # (F, h, w)
+            kept[level].append(adherence_of(estimate, prompt))
             total = sums[level]
             total[0] += float(error[objects].sum())
             total[1] += int(objects.sum())
@@ -592,6 +604,8 @@ def denoising_error(generator: Any, prompts: Sequence[tuple[int, str]], *, width
     return {"levels": [float(v) for v in levels],
             "objects": [_rounded(t[0] / t[1]) if t[1] else None for t in sums.values()],
             "backdrop": [_rounded(t[2] / t[3]) if t[3] else None for t in sums.values()],
+            "adherence": [_rounded(_mean(kept[level])) for level in levels],
+            "adherence_clean": _rounded(_mean(kept[0.0])),
             "prompts": len(prompts), "latent_frames": latent_frames}
 
 
@@ -602,24 +616,27 @@ def window_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, widt
     observed (a keyframe task's shape), decoded, and scored over their whole length.
 
     A full render costs minutes per prompt, so the schedules' adherence rests on a few prompts and moves by whole
-    objects; a window costs seconds, so this one can average dozens. It measures the DiT and the decoder alone:
-    no schedule, no seams.
+    objects; a window costs seconds, so this one can average dozens. It measures the DiT and the decoder alone,
+    without a schedule: ``seam_ratio`` is taken at every latent-frame boundary inside the window, where a render's
+    task and segment boundaries also lie, so it shows how much of a render's seams the DiT makes by itself.
     """
     from model.generator import Window
 
     h, w = generator.latent_size(height, width)
     window = Window((), tuple(range(latent_frames)), h, w)
-    adherence, background = [], []
+    adherence, background, seams = [], [], []
+    boundaries = [first_frame_of_latent(i) for i in range(1, latent_frames)]
     for k, (_, prompt) in enumerate(prompts):
         latents = generator.sample(window, None, prompt, seed=seed + k, steps=steps, guidance=guidance,
                                    guidance_rescale=guidance_rescale)
         frames = generator.decode(latents).numpy()
-        result = evaluate_video(frames, prompt, fps, adherence_seconds=len(frames) / fps)
+        result = evaluate_video(frames, prompt, fps, boundaries, adherence_seconds=len(frames) / fps)
         adherence.append(result["adherence"])
+        seams.append(result["seam_ratio"])
         if result["background"]["correct"] is not None:
             background.append(float(result["background"]["correct"]))
     return {"adherence": _rounded(_mean(adherence)), "background_correct": _rounded(_mean(background)),
-            "prompts": len(prompts), "latent_frames": latent_frames}
+            "seam_ratio": _rounded(_mean(seams)), "prompts": len(prompts), "latent_frames": latent_frames}
 
 
 def eval_prompts(count: int) -> list[tuple[int, str]]:
@@ -657,6 +674,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="classifier-free guidance scale (default: the job spec's)")
     parser.add_argument("--guidance-rescale", type=float, default=None, dest="guidance_rescale",
                         help="guidance rescale 0..1 (default: the job spec's)")
+    parser.add_argument("--infill-guidance", type=float, default=None, dest="infill_guidance",
+                        help="guidance of infill tasks (default: the job spec's)")
     parser.add_argument("--workers", type=int, default=None, help="local Dask worker processes")
     parser.add_argument("--scheduler", default=None, help="address of a running Dask scheduler to render on")
     parser.add_argument("--engine", choices=("deepspeed", "eager"), default="deepspeed",
@@ -694,8 +713,8 @@ def _job_spec(args: argparse.Namespace, prompt: str, schedule: str, output: Path
 
     fields = {"prompt": prompt, "seconds": args.seconds, "fps": args.fps, "width": args.width,
               "height": args.height, "steps": args.steps, "guidance": args.guidance,
-              "guidance_rescale": args.guidance_rescale, "seed": args.seed, "schedule": schedule,
-              "model": args.model, "output": str(output)}
+              "guidance_rescale": args.guidance_rescale, "infill_guidance": args.infill_guidance,
+              "seed": args.seed, "schedule": schedule, "model": args.model, "output": str(output)}
     return JobSpec.parse({k: v for k, v in fields.items() if v is not None})
 
 
@@ -825,10 +844,15 @@ def _print_table(report: dict) -> None:
                                                                                  d["backdrop"]))
         console.print(f"DiT denoising error (clean-latent MSE, objects / backdrop, by noise level) on "
                       f"{d['latent_frames']} latent frames of each prompt's world video: {pairs}")
+        if d.get("adherence"):
+            kept = ", ".join(f"{level:g}: {a}" for level, a in zip(d["levels"], d["adherence"]))
+            console.print(f"Adherence of the decoded clean-latent estimates, by noise level: {kept} "
+                          f"(decoded clean latents: {d['adherence_clean']})")
     if report.get("window"):
         win = report["window"]
         console.print(f"One generated window of {win['latent_frames']} latent frames per prompt, {win['prompts']} "
-                      f"prompts: adherence {win['adherence']}, background correct {win['background_correct']}")
+                      f"prompts: adherence {win['adherence']}, background correct {win['background_correct']}, "
+                      f"seam ratio at latent-frame boundaries {win.get('seam_ratio')}")
     failed = [c for c in report["checks"] if c["passed"] is False]
     console.print(f"{len(report['checks']) - len(failed)} of {len(report['checks'])} target checks pass.")
 
@@ -893,7 +917,8 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         "settings": {"prompts": args.prompts, "seconds": seconds, "schedules": args.schedules,
                      "model": args.model, "width": width, "height": height, "fps": fps,
                      "steps": first_job.steps, "guidance": first_job.guidance,
-                     "guidance_rescale": first_job.guidance_rescale, "workers": args.workers,
+                     "guidance_rescale": first_job.guidance_rescale,
+                     "infill_guidance": first_job.guidance_for_infill, "workers": args.workers,
                      "engine": args.engine, "seed": args.seed,
                      "work_dir": str(work)},
         "prompts": [{"world_seed": s, "prompt": p} for s, p in prompts],

@@ -187,6 +187,13 @@ class Plan:
         return "\n".join(lines)
 
 
+def fills_gap(observed: Iterable[int], latent: Iterable[int]) -> bool:
+    """Whether a task's latent frames all lie between observed frames (an infill, closed on both sides) rather
+    than before or after all of them (an extension) or with nothing observed (keyframes)."""
+    observed, latent = list(observed), list(latent)
+    return bool(observed and latent) and min(observed) < min(latent) and max(latent) < max(observed)
+
+
 def make_plan(scheme: str, num_latent_frames: int, max_window: int, *, given: Iterable[int] = (),
               num_frames: int, decode_context: int, segment_latents: int, **scheme_options: Any) -> Plan:
     """Plan the generation of a video of ``num_latent_frames`` latent frames (``num_frames`` video frames).

@@ -26,6 +26,7 @@ import time
 import uuid
 from typing import Any, Callable
 
+from orchestrator.plan import fills_gap
 from orchestrator.progress import ProgressReporter, reporter
 from orchestrator.spec import JobSpec, SpecError
 from orchestrator.store import JobStore, StoreError, StoreMismatch, check_writable, is_store, store_write_lock
@@ -264,10 +265,12 @@ def write_conditioning(inputs: list[dict], job: dict) -> dict:
     return _stamp("condition", "given", started, frames=len(checksums))
 
 
-def sampling_settings(job: dict) -> dict:
-    """The job's sampler settings as ``Generator.sample`` takes them (jobs stored before a setting existed
-    get its default, so they resume exactly as they started)."""
-    return {"steps": job["steps"], "guidance": job["guidance"], "sampler": job["sampler"],
+def sampling_settings(job: dict, infill: bool = False) -> dict:
+    """The job's sampler settings as ``Generator.sample`` takes them, for an infill task (see
+    ``plan.fills_gap``) or another (jobs stored before a setting existed get its default, so they resume as
+    they started)."""
+    guidance = job.get("infill_guidance", job["guidance"]) if infill else job["guidance"]
+    return {"steps": job["steps"], "guidance": guidance, "sampler": job["sampler"],
             "guidance_rescale": job.get("guidance_rescale", 0.0)}
 
 
@@ -285,12 +288,14 @@ def generate_latents(task: dict, job: dict, *dependencies) -> dict:
     observed = store.read_latents(task["observed"])
     window = Window(observed_times=tuple(task["observed"]), latent_times=tuple(task["latent"]),
                     height=job["latent_height"], width=job["latent_width"])
+    settings = sampling_settings(job, infill=fills_gap(task["observed"], task["latent"]))
     latents = gen.sample(window, _to_torch(observed) if len(observed) else None, job["prompt"],
                          seed=task_seed(job["seed"], task["task_id"]), video_seed=job["seed"],
-                         causal=bool(task.get("causal")), **sampling_settings(job))
+                         causal=bool(task.get("causal")), **settings)
     computed = time.time()
     checksums = store.write_latents(task["latent"], latents)
     store.write_task_marker(task["task_id"], checksums, level=task["level"], run_id=job["run_id"],
+                            guidance=settings["guidance"],
                             pid=os.getpid(), sample_seconds=computed - started,
                             seconds=time.time() - started)
     return _stamp("generate", task["task_id"], started, level=task["level"], frames=len(task["latent"]),
@@ -744,7 +749,7 @@ def _render_locked(spec: JobSpec, model_ref: str, show: ProgressReporter, *, sch
         job = {
             "run_id": run_id, "store": store.url, "store_created": store.attrs["created"],
             "prompt": spec.prompt, "seed": spec.seed, "steps": spec.steps, "guidance": spec.guidance,
-            "guidance_rescale": spec.guidance_rescale,
+            "guidance_rescale": spec.guidance_rescale, "infill_guidance": spec.guidance_for_infill,
             "sampler": spec.sampler, "fps": spec.fps, "width": spec.width, "height": spec.height,
             "num_frames": spec.num_frames, "codec": spec.codec, "quality": spec.quality, "output": spec.output,
             "latent_height": facts["latent_height"], "latent_width": facts["latent_width"],

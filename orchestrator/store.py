@@ -257,6 +257,8 @@ class JobStore:
             stored.pop("output", None)
             stored.pop("store", None)
             for key in sorted(set(stored) | set(content)):
+                if key not in stored and content.get(key) is None:
+                    continue  # a field added since this store was made, left at its default
                 if stored.get(key) != content.get(key):
                     found[key] = (stored.get(key), content.get(key))
         if model is not None and self.model != model:

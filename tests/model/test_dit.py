@@ -212,7 +212,7 @@ def test_refine_head_starts_as_the_identity_then_sees_across_patch_borders():
     (same,) = run(refined, [win])
     torch.testing.assert_close(same, expected, rtol=0, atol=0)
 
-    torch.nn.init.normal_(refined.refine.conv2.weight, std=0.1)
+    torch.nn.init.normal_(refined.refine.conv3.weight, std=0.1)
     (changed,) = run(refined, [win])
     delta = changed - expected
     assert delta.abs().amax() > 1e-3
@@ -223,6 +223,13 @@ def test_refine_head_starts_as_the_identity_then_sees_across_patch_borders():
     bumped = velocity.clone()
     bumped[0, :, 3, 3] = 1.0  # last row/column of patch (1, 1)
     frames = torch.zeros(1, CHANNELS, 8, 8)
+    noise = torch.full((1,), 0.5)
+    tokens = torch.zeros(16, CFG.hidden)
     with torch.no_grad():
-        difference = head(bumped, frames) - head(velocity, frames) - (bumped - velocity)
+        difference = head(bumped, frames, noise, tokens) - head(velocity, frames, noise, tokens) - (bumped - velocity)
+        # It reads the noise level and the tokens' features too.
+        at_other_level = head(velocity, frames, torch.full((1,), 0.9), tokens) - head(velocity, frames, noise, tokens)
+        from_features = head(velocity, frames, noise, torch.randn(16, CFG.hidden)) - head(velocity, frames, noise, tokens)
+    assert at_other_level.abs().amax() > 1e-4
+    assert from_features.abs().amax() > 1e-4
     assert difference[0, :, 4, 4].abs().amax() > 1e-4  # first row/column of patch (2, 2)

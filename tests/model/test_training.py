@@ -76,6 +76,17 @@ def test_seam_loss_sees_errors_that_change_where_latent_frames_meet():
     assert seam_loss(inside, video, 4).item() == 0.0
 
 
+def run_with_dit(source, run, **dit):
+    """A new run directory with ``source``'s VAE and text encoder and its DiT architecture changed by ``dit``."""
+    run.mkdir()
+    recorded = json.loads((source / "model.json").read_text())
+    recorded["dit"].update(dit)
+    (run / "model.json").write_text(json.dumps(recorded))
+    for part in ("vae", "text"):
+        shutil.copytree(source / part, run / part)
+    return run
+
+
 @pytest.mark.timeout(300)
 def test_every_part_trains_resumes_and_exports(tmp_path, capsys):
     run = tmp_path / "run"
@@ -108,13 +119,7 @@ def test_every_part_trains_resumes_and_exports(tmp_path, capsys):
 
     # A new architecture (patch 1 instead of 2) warm-starts its DiT from the checkpoint: the blocks are
     # copied, the patch embedding and output layer (new shapes) start fresh.
-    run2 = tmp_path / "run2"
-    run2.mkdir()
-    recorded = json.loads((run / "model.json").read_text())
-    recorded["dit"]["patch"] = 1
-    (run2 / "model.json").write_text(json.dumps(recorded))
-    for part in ("vae", "text"):
-        shutil.copytree(run / part, run2 / part)
+    run2 = run_with_dit(run, tmp_path / "run2", patch=1)
     capsys.readouterr()
     assert main(["dit", "--preset", "tiny", "--run", str(run2), "--init-from", str(out), "--steps", "1",
                  "--batch", "1", "--lr", "1e-12", "--ema", "0", "--warmup", "1"]) == 0
@@ -125,6 +130,30 @@ def test_every_part_trains_resumes_and_exports(tmp_path, capsys):
     block = next(k for k in warm if k.startswith("blocks.0.") and k.endswith("weight") and warm[k].ndim == 2)
     torch.testing.assert_close(warm[block], shipped[block], rtol=0, atol=1e-3)
     assert warm["patch_embed.weight"].shape != shipped["patch_embed.weight"].shape
+
+
+def test_head_only_trains_the_refine_head_on_the_frozen_dit(tmp_path, capsys):
+    """`--head-only` adds a refine head to a trained DiT and trains it alone: every block keeps the
+    warm-started weights exactly, the head moves away from the identity, and the run records where it began."""
+    run = tmp_path / "run"
+    common = ["--preset", "tiny", "--run", str(run), "--seed", "0", "--save-every", "1"]
+    assert main(["vae", *common, "--steps", "1", "--batch", "1"]) == 0
+    assert main(["text", *common, "--steps", "1", "--batch", "4"]) == 0
+    assert main(["dit", *common, "--steps", "1", "--batch", "1"]) == 0
+    with pytest.raises(ValueError, match="--head-only: .*no refine head"):
+        main(["dit", *common, "--steps", "2", "--batch", "1", "--head-only"])
+
+    headed = run_with_dit(run, tmp_path / "headed", refine=8)
+    assert main(["dit", "--preset", "tiny", "--run", str(headed), "--init-from", str(run), "--steps", "3",
+                 "--batch", "2", "--lr", "1e-2", "--ema", "0", "--warmup", "1", "--head-only"]) == 0
+    before = load_file(str(run / "dit" / "dit.safetensors"))
+    after = load_file(str(headed / "dit" / "dit.safetensors"))
+    assert set(after) - set(before) and all(k.startswith("refine.") for k in set(after) - set(before))
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0, msg=name)
+    assert after["refine.conv3.weight"].abs().amax() > 0, "the head left the identity"
+    meta = json.loads((headed / "dit" / "dit.json").read_text())
+    assert meta["head_only"] and meta["init_from"] == str(run) and meta["step"] == 3
 
 
 @pytest.mark.timeout(300)

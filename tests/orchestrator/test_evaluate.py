@@ -271,12 +271,44 @@ def test_denoising_error_splits_objects_from_backdrop():
     assert split["objects"] == [1.0, 1.0, 1.0] and split["backdrop"] == [0.0, 0.0, 0.0]
 
 
+def test_denoising_adherence_scores_the_decoded_estimates():
+    """Estimates that decode to the prompt's world keep every object; estimates that decode to flat frames
+    keep none, while the decoded clean latents keep them all."""
+    import torch
+
+    from model.generator import Generator
+
+    generator = Generator.from_preset("tiny")
+    prompts = ev.eval_prompts(2)
+    size = dict(width=64, height=64, fps=8)
+    frames = {prompt: world.render_frames(world.sample_world(seed), range(9), **size) for seed, prompt in prompts}
+    marks = {}
+
+    def predict_clean(noisy, times, level, prompt):
+        marks[prompt] = torch.full_like(noisy, 7.0)  # stands for "the prompt's world"
+        return marks[prompt]
+
+    def decode(latents):
+        for prompt, mark in marks.items():
+            if latents is mark:
+                return torch.from_numpy(frames[prompt])
+        return torch.full((9, 64, 64, 3), 128, dtype=torch.uint8)  # flat grey: no object
+
+    generator.predict_clean, generator.decode = predict_clean, decode
+    faithful = ev.denoising_error(generator, prompts, latent_frames=3, **size)
+    assert faithful["adherence"] == [1.0, 1.0, 1.0] and faithful["adherence_clean"] == 0.0
+
+    generator.predict_clean = lambda noisy, times, level, prompt: noisy.clone()
+    lost = ev.denoising_error(generator, prompts, latent_frames=3, **size)
+    assert lost["adherence"] == [0.0, 0.0, 0.0]
+
+
 class _WorldPainter:
     """A generator whose windows are the prompt's own world video (or, with ``flat``, its mean colour)."""
 
-    def __init__(self, prompts, flat: bool = False):
+    def __init__(self, prompts, flat: bool = False, jumpy: bool = False):
         self.worlds = {prompt: world.sample_world(seed) for seed, prompt in prompts}
-        self.flat, self.seeds = flat, []
+        self.flat, self.jumpy, self.seeds = flat, jumpy, []
 
     def latent_size(self, height, width):
         return height, width
@@ -288,6 +320,10 @@ class _WorldPainter:
         num_frames = 1 + 4 * (len(window.latent_times) - 1)
         frames = world.render_frames(self.worlds[prompt], range(num_frames), fps=8, width=window.width,
                                      height=window.height)
+        if self.jumpy:  # every latent frame's four video frames a little brighter or darker than the last's
+            for i in range(1, len(window.latent_times)):
+                group = slice(ev.first_frame_of_latent(i), ev.first_frame_of_latent(i) + 4)
+                frames[group] = np.clip(frames[group].astype(np.int16) + (12 if i % 2 else -12), 0, 255)
         return torch.from_numpy(np.ascontiguousarray(frames))
 
     def decode(self, latents):
@@ -301,10 +337,14 @@ def test_window_adherence_finds_the_prompt_in_a_faithful_window_and_nothing_in_a
     size = dict(width=64, height=64, fps=8, steps=1, guidance=1.0, latent_frames=4)
     painter = _WorldPainter(prompts)
     faithful = ev.window_adherence(painter, prompts, seed=5, **size)
+    seams = faithful.pop("seam_ratio")
     assert faithful == {"adherence": 1.0, "background_correct": 1.0, "prompts": 3, "latent_frames": 4}
     assert painter.seeds == [5, 6, 7], "every prompt samples its own noise"
+    assert seams < 1.6, "the world's own frames join smoothly at latent-frame boundaries"
     flat = ev.window_adherence(_WorldPainter(prompts, flat=True), prompts, **size)
     assert flat["adherence"] == 0.0
+    jumpy = ev.window_adherence(_WorldPainter(prompts, jumpy=True), prompts, **size)
+    assert jumpy["adherence"] == 1.0 and jumpy["seam_ratio"] > 3 * seams
 
 
 def test_predict_clean_inverts_the_noising_for_the_true_velocity():
@@ -329,12 +369,14 @@ def test_longshot_eval_end_to_end(tmp_path, capsys):
     """`longshot eval --json` at CI size: a real local Dask cluster renders with the tiny preset."""
     code = ev.main(["--json", "--seconds", "2", "--prompts", "1", "--schedules", "parallel",
                  "--model", "tiny", "--width", "64", "--height", "64", "--fps", "8", "--steps", "1",
-                 "--guidance", "2.5", "--guidance-rescale", "0.5", "--workers", "1", "--engine", "eager",
+                 "--guidance", "2.5", "--guidance-rescale", "0.5", "--infill-guidance", "1.5",
+                 "--workers", "1", "--engine", "eager",
                  "--vae-clips", "1", "--denoise-frames", "2", "--window-prompts", "2",
                  "--out", str(tmp_path)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["settings"]["guidance"] == 2.5 and report["settings"]["guidance_rescale"] == 0.5
+    assert report["settings"]["infill_guidance"] == 1.5
     assert list(report["schedules"]) == ["parallel"]
     result = report["schedules"]["parallel"]["per_prompt"][0]
     assert result["num_frames"] == 16 and result["prompt"] == ev.eval_prompts(1)[0][1]

@@ -38,6 +38,8 @@ def test_defaults_and_derived_values():
         ("steps", 201, "200"),
         ("guidance", -1, "0"),
         ("guidance_rescale", 1.5, "1"),
+        ("infill_guidance", -0.5, "0"),
+        ("infill_guidance", 31, "30"),
         ("seed", -3, "0"),
         ("window", 1, "2"),
         ("codec", "vp9", "h264"),
@@ -53,6 +55,23 @@ def test_limits_name_field_value_and_limit(field, value, limit):
     assert info.value.field == field
     assert f"{field}=" in message and str(value) in message and limit in message
     assert isinstance(info.value, ValueError)
+
+
+def test_infill_tasks_take_the_infill_guidance():
+    from orchestrator.run import sampling_settings
+    from orchestrator.spec import INFILL_GUIDANCE
+
+    default = JobSpec.parse(BASE)
+    assert default.infill_guidance is None and default.guidance_for_infill == INFILL_GUIDANCE < default.guidance
+    assert JobSpec.parse(dict(BASE, guidance=0.5)).guidance_for_infill == 0.5  # never above --guidance
+    assert JobSpec.parse(dict(BASE, infill_guidance=3)).guidance_for_infill == 3.0
+
+    job = {"steps": 8, "guidance": 4.0, "infill_guidance": 1.5, "sampler": "euler"}
+    assert sampling_settings(job)["guidance"] == 4.0
+    assert sampling_settings(job, infill=True)["guidance"] == 1.5
+    # A job stored before the setting existed resumes with one guidance for every task, as it started.
+    older = {"steps": 8, "guidance": 4.0, "sampler": "euler"}
+    assert sampling_settings(older, infill=True)["guidance"] == 4.0
 
 
 def test_every_problem_is_reported_at_once():

@@ -183,6 +183,15 @@ def test_a_store_of_another_job_is_refused_unless_forced(tmp_path):
     assert not replaced.task_done("L0-T000", [0])  # the old job's work is gone
 
 
+def test_a_field_added_since_the_store_was_made_matches_while_left_at_its_default(tmp_path):
+    url = str(tmp_path / "job.zarr")
+    make_store(url)
+    newer = dict(CONTENT, infill_guidance=None)
+    assert JobStore.open(url).differences(content=newer) == {}
+    chosen = dict(CONTENT, infill_guidance=2.0)
+    assert JobStore.open(url).differences(content=chosen) == {"infill_guidance": (None, 2.0)}
+
+
 def test_a_store_whose_creation_was_cut_short_is_named_so_and_recreated_only_with_force(tmp_path):
     url = str(tmp_path / "job.zarr")
     make_store(url)

@@ -83,6 +83,18 @@ def check_plan(plan: Plan, num_frames: int, decode_context: int, segment_latents
 # agrees with running that file.
 
 
+def test_infill_is_closed_on_both_sides():
+    from orchestrator.plan import fills_gap
+
+    assert fills_gap([0, 6, 40], [1, 2, 3])
+    assert not fills_gap([0, 1, 2], [3, 4]), "an extension forwards"
+    assert not fills_gap([5, 9], [0, 1]), "an extension backwards"
+    assert not fills_gap([], [0, 8]), "keyframes"
+    parallel = plan_for("parallel", 157, 8)
+    assert {fills_gap(t.observed, t.latent) for t in parallel.tasks if t.level > 0} == {True}
+    assert not any(fills_gap(t.observed, t.latent) for t in plan_for("autoregressive", 157, 8).tasks)
+
+
 def test_autoregressive_observes_the_latest_frames():
     # observe sorted(done)[-(max_frames - step_size):] = the latest 2, then generate the next 3 (cut at the end)
     assert fdm_stages("autoregressive", 10, 2, 5, 3) == [

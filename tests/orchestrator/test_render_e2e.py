@@ -13,6 +13,7 @@ import xarray as xr
 
 from render_helpers import tiny_spec
 from orchestrator import media
+from orchestrator.plan import fills_gap
 from orchestrator.run import RenderError, job_status, render, resume
 from orchestrator.store import JobStore, StoreMismatch
 
@@ -56,6 +57,10 @@ def test_render_end_to_end_then_nothing_to_redo(render_cluster, tmp_path):
     assert status["segments_done"] == status["segments"] and status["runs"][-1]["state"] == "completed"
     ds = xr.open_zarr(result.store, consolidated=False)
     assert ds["latents"].shape == (5, 4, 6, 8) and not np.isnan(ds["latents"].values).any()
+    store = JobStore.open(result.store)
+    for task in store.plan["tasks"]:
+        expected = spec.guidance_for_infill if fills_gap(task["observed"], task["latent"]) else spec.guidance
+        assert store.task_marker(task["task_id"])["guidance"] == expected, task["task_id"]
 
     # Rendering the same spec again finds everything done in the store and submits nothing.
     digest = JobStore.open(result.store).output_record()["sha256"]
@@ -121,6 +126,11 @@ def test_image_at_start_and_end_and_a_loop(render_cluster, tmp_path):
     assert_same_latents(latents[4], encoded(media.read_frames(end_png, 64, 48))[0])
     generated = sorted(t for task in store.plan["tasks"] for t in task["latent"])
     assert generated == [1, 2, 3]
+    # Every task fills the gap between the given frames, so each sampled at the infill guidance, which its
+    # marker records.
+    assert all(fills_gap(task["observed"], task["latent"]) for task in store.plan["tasks"])
+    assert {store.task_marker(task["task_id"])["guidance"] for task in store.plan["tasks"]} == \
+        {spec.guidance_for_infill} != {spec.guidance}
     assert media.probe(spec.output)["frames"] == 16
 
     loop = tiny_spec(tmp_path, name="loop", loop=True)
