@@ -117,7 +117,8 @@ class JobSpec(BaseModel):
     # Guidance rescale (model.flow.guided): 0 is plain classifier-free guidance.
     guidance_rescale: float = Field(default=0.0, ge=0, le=1)
     # Guidance of infill tasks (latent frames between observed ones); None: INFILL_GUIDANCE, or `guidance` if
-    # that is lower.
+    # that is lower. A store made before this field existed records none, so its remaining infill tasks resume
+    # at the default.
     infill_guidance: float | None = Field(default=None, ge=0, le=MAX_GUIDANCE)
     sampler: Literal["euler", "heun"] = "euler"
     schedule: Literal["parallel", "autoregressive", "long-range", "hierarchy-2", "hierarchy-3"] = "parallel"
