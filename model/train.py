@@ -47,6 +47,9 @@ PARTS = ("vae", "text", "dit")
 POOL_NAME = "latents.zarr"  # a run's latent pool for DiT training (``longshot train latents``)
 # Frame sizes (width, height) the demo model trains on; all multiples of 16, landscape, portrait and square.
 VIDEO_SIZES = ((128, 80), (80, 128), (96, 96), (128, 64))
+# Noise levels the DiT's estimates are made from when the decoder trains on them (`--generated`): a render's
+# last sampling step starts at ~0.3 (8 Euler steps at shift 3).
+GENERATED_NOISE = (0.05, 0.5)
 IMAGE_SIZES = ((128, 80), (96, 96), (64, 112))
 
 
@@ -273,11 +276,19 @@ class VAETrainer(Trainer):
 
     def __init__(self, args, model: VideoModel):
         self.decoder_only = bool(getattr(args, "decoder_only", False))
+        self.generated = float(getattr(args, "generated", 0.0) or 0.0)
+        if not 0.0 <= self.generated <= 1.0:
+            raise ValueError(f"--generated: {self.generated!r} must be a share in [0, 1]")
+        if self.generated and not self.decoder_only:
+            raise ValueError("--generated: needs --decoder-only (the DiT's latent space must stay fixed)")
         params = model.vae.decoder.parameters() if self.decoder_only else model.vae.parameters()
         super().__init__(args, model, params, rng_seed=args.seed + (7 if self.decoder_only else 0))
         self.latent_stats: dict = {}
         if self.decoder_only:
             self.load_frozen_encoder(model)
+        if self.generated:
+            model.dit.eval().requires_grad_(False)
+            model.text.eval().requires_grad_(False)
 
     def load_frozen_encoder(self, model: VideoModel) -> None:
         """The run's trained VAE; a fresh run with ``--init-from`` takes the source's encoder and latent
@@ -306,23 +317,52 @@ class VAETrainer(Trainer):
     def state_path(self) -> Path:
         return self.paths.dir / ("state-decoder.pt" if self.decoder_only else "state.pt")
 
-    def batch(self) -> torch.Tensor:
-        """A batch of same-sized clips: mostly 9-frame videos (3 latents), some single images."""
+    def batch(self) -> tuple[torch.Tensor, list[str]]:
+        """A batch of same-sized clips, mostly 9-frame videos (3 latents), some single images; and their captions."""
         w, h = self.rng.choice(VIDEO_SIZES)
         num_frames = 1 if self.rng.random() < 0.2 else 9
-        clips = []
+        clips, captions = [], []
         for _ in range(self.args.batch):
             spec = sample_world(self.rng.randrange(EVAL_SEED_BASE))
             fps = self.rng.choice((8, 12, 24, 30))
             start = self.rng.randrange(0, 60 * fps)
             clips.append(to_pixels(render_frames(spec, range(start, start + num_frames), fps=fps, width=w, height=h)))
-        return torch.stack(clips)
+            captions.append(caption(spec))
+        return torch.stack(clips), captions
+
+    @torch.no_grad()
+    def generated_latents(self, mean: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """What the run's DiT makes of each clip's latents (B, C, T_lat, h, w): its clean-latent estimate from the
+        latents noised to a level in GENERATED_NOISE, prompted with the clip's caption.
+
+        A render's latents are such estimates (the last sampling step lands on one made at noise ~0.3), and they
+        differ from the encoder's: shapes rounded off, colours spread, each latent frame a little off its
+        neighbours. A decoder that has only seen the encoder's latents draws those errors as blobs and flicker.
+        """
+        cfg = self.model.cfg
+        shift, scale = self.latent_stats["latent_shift"], self.latent_stats["latent_scale"]
+        z = (mean - shift) * scale
+        windows = []
+        for clip in z.transpose(1, 2):  # (T_lat, C, h, w)
+            n = len(clip)
+            t = torch.full((n,), self.rng.uniform(*GENERATED_NOISE))
+            noise = video_noise(n, tuple(clip.shape[1:]), cfg.flow.noise_correlation)
+            windows.append(FrameInputs(noisy(clip, noise, t), torch.zeros(n, dtype=torch.bool), torch.arange(n), t))
+        text = self.model.text.encode(captions)
+        velocity = self.model.dit(windows, text.tokens, text.mask, text.pooled)
+        estimates = torch.stack([w.frames - w.noise.view(-1, 1, 1, 1) * v for w, v in zip(windows, velocity)])
+        return estimates.transpose(1, 2) / scale + shift
 
     def loss(self):
-        video = self.batch()
+        video, captions = self.batch()
         if self.decoder_only:
             self.model.vae.encoder.eval()
-        recon, mean, logvar = self.model.vae(video)
+        if self.generated and self.rng.random() < self.generated:
+            with torch.no_grad():
+                mean, logvar = self.model.vae.encode_dist(video)
+            recon = self.model.vae.decode_frames(self.generated_latents(mean, captions), from_start=True)
+        else:
+            recon, mean, logvar = self.model.vae(video)
         l1 = (recon - video).abs().mean()
         mse = (recon - video).pow(2).mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
@@ -343,13 +383,15 @@ class VAETrainer(Trainer):
             self.module().load_state_dict(self.ema)
         means = []
         for _ in range(16):
-            means.append(self.model.vae.encode_dist(self.batch())[0])
+            means.append(self.model.vae.encode_dist(self.batch()[0])[0])
         z = torch.cat([m.flatten() for m in means])
         self.latent_stats = {"latent_shift": z.mean().item(), "latent_scale": 1.0 / z.std().item()}
         self.module().load_state_dict(saved)
 
     def metadata(self) -> dict:
         extra = {"decoder_steps": self.step, "encoder_steps": self.encoder_steps} if self.decoder_only else {}
+        if self.generated:
+            extra["generated"] = self.generated
         return {**self.latent_stats, **extra}
 
 
@@ -493,7 +535,9 @@ class DiTTrainer(Trainer):
         self.model.vae.eval().requires_grad_(False)
         self.model.text.eval().requires_grad_(False)
         self.text_cache: dict[str, tuple] = {}
-        self.shift = model.cfg.flow.shift
+        # Training noise levels: the sampler's shift by default; ``--time-shift`` overrides it (below 3 more
+        # of the steps fall at low noise, where the objects' shapes are drawn).
+        self.shift = model.cfg.flow.shift if args.time_shift is None else args.time_shift
         # Windows come from the pre-encoded clips of a latent pool when one is given (see model.latent_pool),
         # else from clips drawn and encoded on the fly.
         self.pool = LatentPool.open(args.latents, model.vae) if args.latents else None
@@ -502,7 +546,10 @@ class DiTTrainer(Trainer):
                   f"(frame sizes {', '.join(f'{w}x{h}' for w, h in self.pool.sizes)})", flush=True)
 
     def metadata(self) -> dict:
-        return {"head_only": True} if self.head_only else {}
+        meta = {"head_only": True} if self.head_only else {}
+        if self.shift != self.model.cfg.flow.shift:
+            meta["time_shift"] = self.shift
+        return meta
 
     def encode_latents(self, spec, times: list[int], fps: int, w: int, h: int) -> torch.Tensor:
         """Latent frames at absolute indices ``times``, normalised: each encoded from just its own frames."""
@@ -661,6 +708,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="VAE weight of the edge and frame-to-frame difference loss")
     parser.add_argument("--seam", type=float, default=0.0,
                         help="VAE weight of the frame-to-frame difference loss across latent-frame boundaries")
+    parser.add_argument("--generated", type=float, default=0.0, metavar="P",
+                        help="vae --decoder-only: share of batches decoded from the run's DiT's clean-latent "
+                             "estimates of the clips instead of the encoder's latents (needs the run's text and dit)")
     parser.add_argument("--decoder-only", action="store_true",
                         help="vae: train the decoder alone on the frozen encoder (the latent space stays fixed)")
     parser.add_argument("--init-from", default=None, metavar="DIR",
@@ -675,6 +725,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--object-weight", type=float, default=OBJECT_WEIGHT, metavar="A",
                         help="dit: extra loss weight on latent pixels that objects cover (1 + A there, 1 elsewhere; "
                              f"default {OBJECT_WEIGHT:g}: a plain mean)")
+    parser.add_argument("--time-shift", type=float, default=None, metavar="S",
+                        help="dit: shift of the logit-normal training noise levels (default: the model's flow.shift)")
     parser.add_argument("--head-only", action="store_true",
                         help="dit: train the refine head alone (dit.refine > 0 in the run's model.json) on the "
                              "frozen, warm-started DiT")
@@ -705,6 +757,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "dit":
         model, _ = build_model(args.preset, run, ("vae", "text"))
         trainer: Trainer = DiTTrainer(args, model)
+    elif args.part == "vae" and args.generated and args.decoder_only:
+        model, _ = build_model(args.preset, run, ("text", "dit"))  # the run's own DiT makes the latents
+        trainer = VAETrainer(args, model)
     else:
         with _quiet_open_clip():
             model = VideoModel(run_config(args.preset, run))

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import model.train
+from model.dit import VideoDiT
 from model.generator import Generator, Window
 from model.train import gradient_loss, main, object_loss_weight, sample_window, seam_loss
 from model.world import ObjectSpec, WorldSpec
@@ -88,7 +90,7 @@ def run_with_dit(source, run, **dit):
 
 
 @pytest.mark.timeout(300)
-def test_every_part_trains_resumes_and_exports(tmp_path, capsys):
+def test_every_part_trains_resumes_and_exports(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     common = ["--preset", "tiny", "--run", str(run), "--save-every", "1", "--log-every", "1", "--warmup", "1"]
     assert main(["vae", *common, "--steps", "2", "--batch", "1"]) == 0
@@ -119,10 +121,17 @@ def test_every_part_trains_resumes_and_exports(tmp_path, capsys):
 
     # A new architecture (patch 1 instead of 2) warm-starts its DiT from the checkpoint: the blocks are
     # copied, the patch embedding and output layer (new shapes) start fresh.
+    # It also draws its training noise levels at --time-shift instead of the model's sampling shift.
     run2 = run_with_dit(run, tmp_path / "run2", patch=1)
     capsys.readouterr()
+    shifts = []
+    drawn = model.train.sample_training_times
+    monkeypatch.setattr(model.train, "sample_training_times",
+                        lambda n, shift=1.0, generator=None: shifts.append(shift) or drawn(n, shift, generator))
     assert main(["dit", "--preset", "tiny", "--run", str(run2), "--init-from", str(out), "--steps", "1",
-                 "--batch", "1", "--lr", "1e-12", "--ema", "0", "--warmup", "1"]) == 0
+                 "--batch", "1", "--lr", "1e-12", "--ema", "0", "--warmup", "1", "--time-shift", "0.25"]) == 0
+    assert shifts == [0.25]
+    assert json.loads((run2 / "dit" / "dit.json").read_text())["time_shift"] == 0.25
     assert re.search(r"warm start from .*: \d+ tensors copied, [1-9]\d* kept fresh \(.*patch_embed",
                      capsys.readouterr().out)
     warm = load_file(str(run2 / "dit" / "dit.safetensors"))
@@ -154,6 +163,42 @@ def test_head_only_trains_the_refine_head_on_the_frozen_dit(tmp_path, capsys):
     assert after["refine.conv3.weight"].abs().amax() > 0, "the head left the identity"
     meta = json.loads((headed / "dit" / "dit.json").read_text())
     assert meta["head_only"] and meta["init_from"] == str(run) and meta["step"] == 3
+
+
+@pytest.mark.timeout(300)
+def test_the_decoder_trains_on_the_runs_dit_estimates(tmp_path, monkeypatch):
+    """`--decoder-only --generated 1` decodes what the run's DiT makes of each clip, prompted with its caption,
+    instead of the encoder's latents: the decoder learns something else, the encoder stays as it was."""
+    source = tmp_path / "source"
+    common = ["--preset", "tiny", "--seed", "0", "--save-every", "1", "--warmup", "1"]
+    assert main(["vae", *common, "--run", str(source), "--steps", "1", "--batch", "1"]) == 0
+    with pytest.raises(ValueError, match="--generated: needs --decoder-only"):
+        main(["vae", *common, "--run", str(source), "--steps", "2", "--batch", "1", "--generated", "1"])
+    with pytest.raises(FileNotFoundError, match="text: no trained weights"):
+        main(["vae", *common, "--run", str(source), "--steps", "2", "--batch", "1", "--decoder-only",
+              "--generated", "1"])
+    assert main(["text", *common, "--run", str(source), "--steps", "1", "--batch", "4"]) == 0
+    assert main(["dit", *common, "--run", str(source), "--steps", "1", "--batch", "1"]) == 0
+
+    prompts = []
+    forward = VideoDiT.forward
+    monkeypatch.setattr(VideoDiT, "forward", lambda self, windows, tokens, *a, **k:
+                        prompts.append(len(tokens)) or forward(self, windows, tokens, *a, **k))
+    decoders = {}
+    for share in ("0", "1"):
+        run = tmp_path / f"share{share}"
+        shutil.copytree(source, run)
+        assert main(["vae", *common, "--run", str(run), "--steps", "2", "--batch", "2", "--lr", "1e-2",
+                     "--decoder-only", "--generated", share]) == 0
+        decoders[share] = load_file(str(run / "vae" / "vae.safetensors"))
+        assert json.loads((run / "vae" / "vae.json").read_text()).get("generated") == (1.0 if share == "1" else None)
+        assert prompts == ([2, 2] if share == "1" else [])  # a DiT call per step, one window per clip
+    original = load_file(str(source / "vae" / "vae.safetensors"))
+    for name, tensor in original.items():
+        if name.startswith("encoder."):
+            for share in decoders:
+                torch.testing.assert_close(decoders[share][name], tensor, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(decoders["0"][k], decoders["1"][k]) for k in original if k.startswith("decoder."))
 
 
 @pytest.mark.timeout(300)
