@@ -535,8 +535,8 @@ class DiTTrainer(Trainer):
         self.model.vae.eval().requires_grad_(False)
         self.model.text.eval().requires_grad_(False)
         self.text_cache: dict[str, tuple] = {}
-        # Training noise levels: the sampler's shift by default; ``--time-shift`` overrides it (below 3 more
-        # of the steps fall at low noise, where the objects' shapes are drawn).
+        # Training noise levels: the sampler's shift by default; ``--time-shift`` overrides it (a smaller shift
+        # puts more of the steps at low noise, where the objects' shapes are drawn).
         self.shift = model.cfg.flow.shift if args.time_shift is None else args.time_shift
         # Windows come from the pre-encoded clips of a latent pool when one is given (see model.latent_pool),
         # else from clips drawn and encoded on the fly.
