@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig, get_preset, preset_names
 from model.dit import FrameInputs, VideoDiT
-from model.flow import get_sampler, guided, time_schedule, video_noise
+from model.flow import get_sampler, guided, noisy, time_schedule, video_noise
 from model.text import TextEmbedding, TextEncoder
 from model.vae import CausalVAE
 
@@ -280,7 +280,8 @@ class Generator:
     def sample(self, window: Window, observed: torch.Tensor | None, prompt: str | TextEmbedding, *, seed: int,
                steps: int, guidance: float, guidance_rescale: float = 0.0, sampler: str = "euler",
                causal: bool = False, video_seed: int | None = None,
-               callback: Callable[[int, int], None] | None = None, use_cache: bool = True) -> torch.Tensor:
+               callback: Callable[[int, int], None] | None = None, use_cache: bool = True,
+               start: torch.Tensor | None = None, start_level: float = 1.0) -> torch.Tensor:
         """Generate the window's latent frames; returns (n_latent, C, h, w) float32 on the CPU.
 
         Deterministic for (seed, window, observed, prompt, settings) on one device: the initial noise is
@@ -306,6 +307,12 @@ class Generator:
         noise = video_noise(n_lat, (c, h, w), self.config.flow.noise_correlation,
                             own=torch.Generator().manual_seed(int(seed)),
                             shared=torch.Generator().manual_seed(int(seed if video_seed is None else video_seed)))
+        if start is not None:
+            if not 0.0 < start_level <= 1.0:
+                raise ValueError(f"start_level: {start_level!r} must be in (0, 1]")
+            if tuple(start.shape) != (n_lat, c, h, w):
+                raise ValueError(f"start: expected ({n_lat}, {c}, {h}, {w}), got {tuple(start.shape)}")
+            noise = noisy(start[torch.tensor(lat_order)].float(), noise, torch.full((n_lat,), float(start_level)))
         x = noise.to(dev)
 
         obs_times = torch.tensor(window.observed_times, dtype=torch.long)
@@ -351,7 +358,10 @@ class Generator:
         else:
             def model_fn(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 return cond_uncond(xt, t)[0]
-        times = time_schedule(steps, self.config.flow.shift, device=dev)
+        if start is None:
+            times = time_schedule(steps, self.config.flow.shift, device=dev)
+        else:
+            times = start_level * time_schedule(steps, 1.0, device=dev)
         x = step_fn(model_fn, x, times, callback=callback)
         result = torch.empty_like(x)
         result[torch.tensor(lat_order, device=dev)] = x  # back to the caller's order of latent_times

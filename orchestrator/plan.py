@@ -20,6 +20,17 @@ Schemes
     one task that depends on the tasks which generated the frames it observes, so stages run one after another.
     Such a task's level is the reference's hierarchy level counted from 0 (always 0 for the autoregressive ones).
 
+Refinement
+----------
+With ``refine=True`` (any scheme), two more levels follow generation. Every latent frame a task generated (its
+"draft") is noised again to a moderate level and denoised once more, in windows laid over the video without
+regard to where generation tasks began and ended: first every other block of ``max_window - 2 * context``
+frames on its own, then the blocks between, each observing ``context`` refined frames on either side. Both
+sides of a generation task's border then come out of one window, so its seam is denoised away; what remains
+are the borders between refinement blocks, where both sides started from the same drafts (MODEL_CARD.md,
+"Refinement"). Refinement tasks write a second array of the store, so the drafts stay intact and a killed
+refinement resumes from the same drafts.
+
 Latent frame ``i`` covers video frames ``4i-3 .. 4i`` (latent 0 is video frame 0 alone), which fixes the video
 frames of each decode segment.
 """
@@ -58,12 +69,13 @@ class PlanError(ValueError):
 class GenerationTask:
     """One model call: denoise ``latent`` frames in a window that also holds the clean ``observed`` frames."""
 
-    task_id: str                 # "L<level>-T<index>": stable, seeds and store markers use it
+    task_id: str                 # "L<level>-T<index>" ("R<pass>-T<index>" refines): seeds and markers use it
     level: int                   # 0 = keyframes; tasks of one level never observe frames of that level (parallel)
     observed: tuple[int, ...]    # sorted latent-frame indices read from the store (earlier tasks or given inputs)
     latent: tuple[int, ...]      # sorted latent-frame indices this task generates and writes
     depends_on: tuple[str, ...]  # ids of the tasks that generate its observed frames
     causal: bool = False         # sample with the model's causal mode (autoregressive streaming)
+    refine: bool = False         # re-denoise the drafts of ``latent`` (refinement pass), not sample them anew
 
     @property
     def window(self) -> int:
@@ -101,6 +113,11 @@ class Plan:
                 return task
         raise KeyError(task_id)
 
+    @property
+    def refines(self) -> bool:
+        """Whether the plan ends in a refinement pass (the video is decoded from the refined latents)."""
+        return any(task.refine for task in self.tasks)
+
     def levels(self) -> dict[int, list[GenerationTask]]:
         """Tasks grouped by level, in plan order."""
         grouped: dict[int, list[GenerationTask]] = {}
@@ -132,9 +149,11 @@ class Plan:
             "max_window": self.max_window,
             "given": list(self.given),
             "scheme_options": dict(self.scheme_options),
+            # "refine" only where true, so a plan without refinement reads exactly as plans did before it existed
+            # (stores compare the plan they hold with the one a render makes).
             "tasks": [
                 {"task_id": t.task_id, "level": t.level, "observed": list(t.observed), "latent": list(t.latent),
-                 "depends_on": list(t.depends_on), "causal": t.causal}
+                 "depends_on": list(t.depends_on), "causal": t.causal, **({"refine": True} if t.refine else {})}
                 for t in self.tasks
             ],
             "segments": [
@@ -157,7 +176,7 @@ class Plan:
                 given=tuple(d["given"]),
                 tasks=tuple(
                     GenerationTask(t["task_id"], t["level"], tuple(t["observed"]), tuple(t["latent"]),
-                                   tuple(t["depends_on"]), t["causal"])
+                                   tuple(t["depends_on"]), t["causal"], bool(t.get("refine", False)))
                     for t in d["tasks"]
                 ),
                 segments=tuple(
@@ -180,7 +199,8 @@ class Plan:
         for level, tasks in self.levels().items():
             latents = sum(len(t.latent) for t in tasks)
             widest = max(t.window for t in tasks)
-            lines.append(f"  level {level}: {len(tasks)} task{'s' * (len(tasks) != 1)}, "
+            kind = " (refinement)" if tasks[0].refine else ""
+            lines.append(f"  level {level}{kind}: {len(tasks)} task{'s' * (len(tasks) != 1)}, "
                          f"{latents} latent frames, widest window {widest}")
         lines.append(f"  critical path: {len(self.critical_path())} tasks")
         lines.append(f"  decode: {len(self.segments)} segments")
@@ -195,7 +215,8 @@ def fills_gap(observed: Iterable[int], latent: Iterable[int]) -> bool:
 
 
 def make_plan(scheme: str, num_latent_frames: int, max_window: int, *, given: Iterable[int] = (),
-              num_frames: int, decode_context: int, segment_latents: int, **scheme_options: Any) -> Plan:
+              num_frames: int, decode_context: int, segment_latents: int, refine: bool = False,
+              **scheme_options: Any) -> Plan:
     """Plan the generation of a video of ``num_latent_frames`` latent frames (``num_frames`` video frames).
 
     ``given`` are latent frames supplied by conditioning inputs (an image, a clip, both ends of a bridge); they
@@ -207,6 +228,8 @@ def make_plan(scheme: str, num_latent_frames: int, max_window: int, *, given: It
     * FDM schemes: ``step_size`` — latent frames per stage, as in the FDM reference (default ``max_window // 2``,
       at least 2 for the hierarchies); ``causal`` (autoregressive, long-range) — sample with the model's causal
       mode, since every observed frame precedes the latents (default False).
+
+    ``refine`` appends the two levels of refinement tasks (see the module docstring).
 
     Raises PlanError (a ValueError) naming the field, its value and the limit for any input out of range.
     """
@@ -233,6 +256,8 @@ def make_plan(scheme: str, num_latent_frames: int, max_window: int, *, given: It
     else:
         options = _fdm_options(scheme, max_window, scheme_options)
         tasks = _fdm_tasks(scheme, num_latent_frames, max_window, given_frames, **options)
+    if refine:
+        tasks = list(tasks) + _refinement_tasks(tasks, num_latent_frames, max_window, given_frames)
     segments = _decode_segments(tasks, num_latent_frames, num_frames, decode_context, segment_latents)
     return Plan(scheme, num_latent_frames, max_window, given_frames, tuple(tasks), segments, options)
 
@@ -292,6 +317,53 @@ def _parallel_tasks(num_latent: int, window: int, given: tuple[int, ...], *, con
             index += 1
         level += 1
     return tasks
+
+
+def refinement_context(max_window: int) -> int:
+    """Refined frames a refinement block observes on either side: two, or fewer in a small window, so that the
+    block (``max_window - 2 * context`` frames) stays at least as long as the context and so the context of an
+    odd block lies within its even neighbours."""
+    return max(0, min(2, (max_window - 1) // 3))
+
+
+def _refinement_tasks(tasks: Sequence[GenerationTask], num_latent: int, window: int,
+                      given: tuple[int, ...]) -> list[GenerationTask]:
+    """Two levels of refinement over the generated frames (module docstring, "Refinement").
+
+    Blocks of ``window - 2 * context`` frames tile the video. Pass 0 refines the even blocks, each alone; pass 1
+    the odd blocks, each observing the ``context`` frames on either side, which pass 0 refined (or which were
+    given). Given frames are never refined: a block containing one observes it instead.
+    """
+    given_set = set(given)
+    first_level = 1 + max((task.level for task in tasks), default=-1)
+    context = refinement_context(window)
+    block = window - 2 * context
+    drafted = {t: task.task_id for task in tasks for t in task.latent}
+    refined: dict[int, str] = {}
+    out: list[GenerationTask] = []
+    starts = list(range(0, num_latent, block))
+    for refinement_pass in (0, 1):
+        index = 0
+        for number, start in enumerate(starts):
+            if number % 2 != refinement_pass:
+                continue
+            stop = min(start + block, num_latent)
+            latent = tuple(t for t in range(start, stop) if t not in given_set)
+            if not latent:
+                continue
+            around = range(max(0, start - context), min(num_latent, stop + context))
+            if refinement_pass == 0:  # alone: only given frames, which never change, are observed
+                observed = tuple(t for t in around if t in given_set)
+            else:
+                observed = tuple(t for t in around if t in given_set or t in refined)
+            task_id = f"R{refinement_pass}-T{index:03d}"
+            depends = _producers(latent, drafted) + _producers(observed, refined)
+            out.append(GenerationTask(task_id, first_level + refinement_pass, observed, latent, depends,
+                                      refine=True))
+            index += 1
+        refined.update((t, task.task_id) for task in out if task.level == first_level + refinement_pass
+                       for t in task.latent)
+    return out
 
 
 def _place_keyframes(num_latent: int, given: tuple[int, ...], count: int) -> list[int]:

@@ -5,8 +5,8 @@ An event is a flat JSON-able dict with an "event" key:
 - ``start``     run_id, store, output, tasks_total, tasks_skipped, segments_total, segments_skipped, levels,
                 latent_frames, frames, workers
 - ``task``      kind (condition | generate | decode | mux), id, level, done, total (steps of this run, all
-                kinds), latent_frames_done, latent_frames_total, frames_done, frames_total, elapsed,
-                eta (seconds or null)
+                kinds), latent_frames_done, latent_frames_total (latent frames sampled; a refinement pass
+                samples each frame again), frames_done, frames_total, elapsed, eta (seconds or null)
 - ``done``      output, frames, wall_seconds, timings
 - ``error``     message
 - ``cancelled`` message

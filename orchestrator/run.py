@@ -29,7 +29,8 @@ from typing import Any, Callable
 from orchestrator.plan import fills_gap
 from orchestrator.progress import ProgressReporter, reporter
 from orchestrator.spec import JobSpec, SpecError
-from orchestrator.store import JobStore, StoreError, StoreMismatch, check_writable, is_store, store_write_lock
+from orchestrator.store import (JobStore, StoreError, StoreMismatch, check_writable, is_store, store_write_lock,
+                                task_array)
 
 log = logging.getLogger(__name__)
 
@@ -265,13 +266,17 @@ def write_conditioning(inputs: list[dict], job: dict) -> dict:
     return _stamp("condition", "given", started, frames=len(checksums))
 
 
-def sampling_settings(job: dict, infill: bool = False) -> dict:
+def sampling_settings(job: dict, infill: bool = False, refine: bool = False) -> dict:
     """The job's sampler settings as ``Generator.sample`` takes them, for an infill task (see
-    ``plan.fills_gap``) or another (jobs stored before a setting existed get its default, so they resume as
-    they started)."""
-    guidance = job.get("infill_guidance", job["guidance"]) if infill else job["guidance"]
-    return {"steps": job["steps"], "guidance": guidance, "sampler": job["sampler"],
-            "guidance_rescale": job.get("guidance_rescale", 0.0)}
+    ``plan.fills_gap``), a refinement task or another (jobs stored before a setting existed get its default,
+    so they resume as they started). A refinement task starts from its drafts at ``refine_level`` with
+    ``refine_steps`` steps and samples at the infill guidance: its frames are already there, on both sides."""
+    guidance = job.get("infill_guidance", job["guidance"]) if infill or refine else job["guidance"]
+    settings = {"steps": job["steps"], "guidance": guidance, "sampler": job["sampler"],
+                "guidance_rescale": job.get("guidance_rescale", 0.0)}
+    if refine:
+        settings.update(steps=job["refine_steps"], start_level=job["refine_level"])
+    return settings
 
 
 def generate_latents(task: dict, job: dict, *dependencies) -> dict:
@@ -281,21 +286,29 @@ def generate_latents(task: dict, job: dict, *dependencies) -> dict:
 
     started = time.time()
     gen, store = get_generator(job["model"], job["engine"]), _worker_store(job)
-    if store.task_done(task["task_id"], task["latent"]):
+    refine = bool(task.get("refine"))
+    array = task_array(refine)
+    if store.task_done(task["task_id"], task["latent"], array):
         # Dask reruns finished tasks whose results died with a worker; the store already holds this one.
         return _stamp("generate", task["task_id"], started, level=task["level"], frames=len(task["latent"]),
                       reused=True)
-    observed = store.read_latents(task["observed"])
     window = Window(observed_times=tuple(task["observed"]), latent_times=tuple(task["latent"]),
                     height=job["latent_height"], width=job["latent_width"])
-    settings = sampling_settings(job, infill=fills_gap(task["observed"], task["latent"]))
+    settings = sampling_settings(job, infill=fills_gap(task["observed"], task["latent"]), refine=refine)
+    extra = {}
+    if refine:  # observe refined frames (given ones are never refined) and start from this task's drafts
+        observed = store.read_video_latents(task["observed"], given=job["given"], refined=True)
+        extra["start"] = _to_torch(store.read_latents(task["latent"]))
+    else:
+        observed = store.read_latents(task["observed"])
     latents = gen.sample(window, _to_torch(observed) if len(observed) else None, job["prompt"],
                          seed=task_seed(job["seed"], task["task_id"]), video_seed=job["seed"],
-                         causal=bool(task.get("causal")), **settings)
+                         causal=bool(task.get("causal")), **settings, **extra)
     computed = time.time()
-    checksums = store.write_latents(task["latent"], latents)
+    checksums = store.write_latents(task["latent"], latents, array=array)
     store.write_task_marker(task["task_id"], checksums, level=task["level"], run_id=job["run_id"],
-                            guidance=settings["guidance"],
+                            guidance=settings["guidance"], array=array,
+                            **({"start_level": settings["start_level"]} if refine else {}),
                             pid=os.getpid(), sample_seconds=computed - started,
                             seconds=time.time() - started)
     return _stamp("generate", task["task_id"], started, level=task["level"], frames=len(task["latent"]),
@@ -313,7 +326,8 @@ def decode_segment(segment: dict, job: dict, *dependencies) -> dict:
     if store.segment_done(segment["segment_id"]):
         return _stamp("decode", segment["segment_id"], started, frames=expected, reused=True)
     start, stop, context_start = segment["latent_start"], segment["latent_stop"], segment["context_start"]
-    values = _to_torch(store.read_latents(range(context_start, stop)))
+    values = _to_torch(store.read_video_latents(range(context_start, stop), given=job.get("given", ()),
+                                                refined=job.get("refined", False)))
     if start == 0:
         frames, first = gen.decode(values), 0
     else:
@@ -519,7 +533,8 @@ def execute(client, plan, job: dict, *, functions: TaskFunctions | None = None, 
             in_flight += 1
 
     total = len(steps)
-    latent_total = plan.num_latent_frames - len(plan.given)
+    # latent frames sampled: every frame but the given ones, and each once more in a refinement pass
+    latent_total = sum(len(task.latent) for task in plan.tasks)
     latent_done = sum(len(t.latent) for t in plan.tasks if t.task_id in skip.tasks)
     frames_done = sum(s.frame_stop - s.frame_start for s in plan.segments if s.segment_id in skip.segments)
     weight_total = sum(step.weight for step in steps.values()) or 1
@@ -582,7 +597,7 @@ def _describe_error(error: BaseException | None) -> str:
 
 def _task_dict(task) -> dict:
     return {"task_id": task.task_id, "level": task.level, "observed": list(task.observed),
-            "latent": list(task.latent), "causal": bool(task.causal)}
+            "latent": list(task.latent), "causal": bool(task.causal), "refine": bool(task.refine)}
 
 
 # ---------------------------------------------------------------------------------------------- render
@@ -624,15 +639,18 @@ def _clip_frame_counts(spec: JobSpec) -> dict[str, int]:
     return {p: len(media.read_frames(p, 16, 16, spec.fps)) for p in paths}
 
 
-def plan_job(spec: JobSpec, num_latent_frames: int, window: int, given: tuple[int, ...], decode_context: int):
+def plan_job(spec: JobSpec, num_latent_frames: int, window: int, given: tuple[int, ...], decode_context: int,
+             refine: bool | None = None):
     """The job's plan. A loop plans one extra latent frame (the copy of frame 0 that follows the last
-    frame); its frames are never decoded, so the segments stop at the video's last latent frame."""
+    frame); its frames are never decoded, so the segments stop at the video's last latent frame.
+    ``refine`` (default: whether the spec has a refinement level) appends the refinement pass."""
     from orchestrator.plan import make_plan
 
     video_latents = 1 + math.ceil((spec.num_frames - 1) / 4)
     extra = num_latent_frames - video_latents
+    refine = spec.refine_level > 0 if refine is None else refine
     plan = make_plan(spec.schedule, num_latent_frames, window, given=given, num_frames=spec.num_frames + 4 * extra,
-                     decode_context=decode_context, segment_latents=segment_latents_for(spec.fps))
+                     decode_context=decode_context, segment_latents=segment_latents_for(spec.fps), refine=refine)
     if not extra:
         return plan
     segments = tuple(
@@ -641,6 +659,17 @@ def plan_job(spec: JobSpec, num_latent_frames: int, window: int, given: tuple[in
         for s in plan.segments if s.latent_start < video_latents
     )
     return dataclasses.replace(plan, segments=segments)
+
+
+def _predates_refinement(store_url: str) -> bool:
+    """Whether the store at ``store_url`` holds a job recorded before the spec had a ``refine`` field: it was
+    planned without refinement and resumes that way, under the plan it holds."""
+    if not is_store(store_url):
+        return False
+    try:
+        return "refine" not in JobStore.open(store_url, read_only=True).spec
+    except (StoreError, KeyError):
+        return False
 
 
 def preflight(spec: JobSpec, *, force: bool = False) -> str:
@@ -729,7 +758,8 @@ def _render_locked(spec: JobSpec, model_ref: str, show: ProgressReporter, *, sch
             raise SpecError([("window", spec.window,
                               f"the model takes at most {facts['max_window']} frames per window")])
         conditioning, given, allocated = conditioning_layout(spec, facts["num_latent_frames"], clip_frames)
-        plan = plan_job(spec, allocated, window, given, facts["decode_context"])
+        refine = spec.refine_level > 0 and not (not force and _predates_refinement(spec.store_path))
+        plan = plan_job(spec, allocated, window, given, facts["decode_context"], refine=refine)
         plan_dict = plan.to_dict()
         spec_dict = spec.model_dump(mode="json")
         spec_dict["store"] = spec.store_path
@@ -750,7 +780,8 @@ def _render_locked(spec: JobSpec, model_ref: str, show: ProgressReporter, *, sch
             "run_id": run_id, "store": store.url, "store_created": store.attrs["created"],
             "prompt": spec.prompt, "seed": spec.seed, "steps": spec.steps, "guidance": spec.guidance,
             "guidance_rescale": spec.guidance_rescale, "infill_guidance": spec.guidance_for_infill,
-            "sampler": spec.sampler, "fps": spec.fps, "width": spec.width, "height": spec.height,
+            "refine_level": spec.refine_level, "refine_steps": spec.refine_steps, "refined": plan.refines,
+            "given": list(plan.given), "sampler": spec.sampler, "fps": spec.fps, "width": spec.width, "height": spec.height,
             "num_frames": spec.num_frames, "codec": spec.codec, "quality": spec.quality, "output": spec.output,
             "latent_height": facts["latent_height"], "latent_width": facts["latent_width"],
             "model": model_ref, "engine": engine, "model_identity": facts["identity"],

@@ -36,6 +36,11 @@ MAX_WINDOW = 1024
 # the world's. Extension tasks, open on one side, keep the full guidance: at 1 the background of a 60-s
 # autoregressive render drifted past the target (ΔE 6.0 against 4.3).
 INFILL_GUIDANCE = 1.0
+# Default level of the refinement pass (orchestrator.plan, "Refinement"): every drafted latent frame is noised
+# to this level and denoised again in windows that straddle the generation tasks' borders. Measured on the
+# 16-s check (MODEL_CARD.md, "Refinement"): 0.6 took the seams of the shipped model from 1.8 to about 1.2 and
+# kept adherence; lower levels leave more of the seams, higher ones let the model redraw the objects.
+REFINE_LEVEL = 0.6
 
 
 class SpecError(ValueError):
@@ -120,6 +125,9 @@ class JobSpec(BaseModel):
     # that is lower. A store made before this field existed records none, so its remaining infill tasks resume
     # at the default.
     infill_guidance: float | None = Field(default=None, ge=0, le=MAX_GUIDANCE)
+    # Noise level of the refinement pass, 0 (off) to below 1; None: REFINE_LEVEL. A store made before this field
+    # existed records none and resumes without refinement, as it was planned.
+    refine: float | None = Field(default=None, ge=0, lt=1)
     sampler: Literal["euler", "heun"] = "euler"
     schedule: Literal["parallel", "autoregressive", "long-range", "hierarchy-2", "hierarchy-3"] = "parallel"
     window: Annotated[int, Field(ge=2, le=MAX_WINDOW)] | None = None
@@ -140,7 +148,7 @@ class JobSpec(BaseModel):
             raise ValueError("must contain text")
         return prompt
 
-    @field_validator("seconds", "guidance", "infill_guidance")
+    @field_validator("seconds", "guidance", "infill_guidance", "refine")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
@@ -189,6 +197,16 @@ class JobSpec(BaseModel):
         if self.infill_guidance is not None:
             return self.infill_guidance
         return min(self.guidance, INFILL_GUIDANCE)
+
+    @property
+    def refine_level(self) -> float:
+        """The refinement pass's noise level; 0 when there is none."""
+        return REFINE_LEVEL if self.refine is None else self.refine
+
+    @property
+    def refine_steps(self) -> int:
+        """Sampling steps of a refinement task: the share of ``steps`` its noise level spans, at least one."""
+        return max(1, math.ceil(self.steps * self.refine_level - 1e-9))
 
     def content_fields(self) -> dict:
         """The fields that decide the rendered content; two specs agreeing here render the same video."""

@@ -4,6 +4,8 @@ Layout of one job group (a local directory or any fsspec URL):
 
     zarr.json            group attributes, written once at creation: spec, plan, model identity, format version
     latents/             float16 [T_lat, C, h, w], one chunk per latent frame, Blosc-zstd + bitshuffle
+    refined/             the same, for a plan with refinement tasks: what they make of the drafts in latents/
+                         (both kept, so a refinement task that runs again starts from the same drafts)
     tasks/<task_id>      completion marker of a generation task (a group whose attributes hold the latent
                          frames it wrote and a sha256 per frame); written only after the frames read back intact
     segments/<id>.mp4    an encoded video segment; segments/<id> is its marker (sha256 of the file)
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 LATENT_DIMENSIONS = ("latent_frame", "channel", "y", "x")
+LATENT_ARRAYS = ("latents", "refined")
 _GROUPS = ("tasks", "segments", "runs")
 LOCK_SUFFIX = ".lock"
 # flock errors that mean "this filesystem cannot lock", not "someone else holds the lock".
@@ -185,7 +188,8 @@ class JobStore:
     @classmethod
     def create(cls, url: str, *, spec: dict, plan: dict, model: dict, latent_shape: tuple[int, int, int, int],
                extra: dict | None = None) -> "JobStore":
-        """Create a new job group at `url` (which must not hold one). Attributes are written here, once."""
+        """Create a new job group at `url` (which must not hold one). Attributes are written here, once.
+        The `refined` array is made only for a plan with refinement tasks."""
         attributes = {
             "longshot_format": FORMAT_VERSION,
             "created": _now(),
@@ -197,17 +201,21 @@ class JobStore:
         try:
             store = _zarr_store(url)
             group = zarr.create_group(store, attributes=attributes)
-            group.create_array(
-                "latents",
-                shape=tuple(latent_shape),
-                chunks=(1, *latent_shape[1:]),
-                dtype="float16",
-                compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=2),
-                # NaN marks a frame never written: a missing chunk cannot pass for real data.
-                fill_value=np.float16("nan"),
-                dimension_names=LATENT_DIMENSIONS,
-                attributes={"description": "diffusion latents, one chunk per latent frame"},
-            )
+            descriptions = {"latents": "diffusion latents, one chunk per latent frame",
+                            "refined": "refined diffusion latents, one chunk per latent frame"}
+            refines = any(task.get("refine") for task in plan.get("tasks", ()))
+            for name in LATENT_ARRAYS[: 2 if refines else 1]:
+                group.create_array(
+                    name,
+                    shape=tuple(latent_shape),
+                    chunks=(1, *latent_shape[1:]),
+                    dtype="float16",
+                    compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=2),
+                    # NaN marks a frame never written: a missing chunk cannot pass for real data.
+                    fill_value=np.float16("nan"),
+                    dimension_names=LATENT_DIMENSIONS,
+                    attributes={"description": descriptions[name]},
+                )
             for name in _GROUPS:
                 group.create_group(name)
         except OSError as err:
@@ -285,22 +293,35 @@ class JobStore:
 
     # -- latents -----------------------------------------------------------------------------------------------
 
-    def write_latents(self, indices: Iterable[int], frames) -> dict[str, str]:
-        """Write latent frames at absolute indices; read them back and return {index: sha256}.
+    def latent_array(self, name: str = "latents") -> zarr.Array:
+        """One of the store's latent arrays (LATENT_ARRAYS); StoreError if this store has none of that name."""
+        if name not in LATENT_ARRAYS:
+            raise ValueError(f"array={name!r}: must be one of {', '.join(LATENT_ARRAYS)}")
+        if name == "latents":
+            return self.latents
+        try:
+            return self.group[name]
+        except KeyError:
+            raise StoreError(f"{self.url} has no {name!r} array: its plan has no refinement tasks") from None
+
+    def write_latents(self, indices: Iterable[int], frames, *, array: str = "latents") -> dict[str, str]:
+        """Write latent frames at absolute indices of `array`; read them back and return {index: sha256}.
 
         Raises StoreWriteError when the write fails or what reads back differs from what was written.
         """
+        target = self.latent_array(array)
         indices = [int(i) for i in indices]
         values = _as_float16(frames)
-        if values.shape != (len(indices), *self.latents.shape[1:]):
+        if values.shape != (len(indices), *target.shape[1:]):
             raise ValueError(f"frames of shape {values.shape} do not fit {len(indices)} latent frames "
-                             f"of shape {tuple(self.latents.shape[1:])}")
+                             f"of shape {tuple(target.shape[1:])}")
         try:
             for index, frame in zip(indices, values):
-                self.latents[index] = frame
+                target[index] = frame
         except OSError as err:
-            raise StoreWriteError(f"latent frames {_ranges(indices)}", self.url, err) from err
-        stored = self.read_latents(indices)
+            what = "latent" if array == "latents" else array
+            raise StoreWriteError(f"{what} frames {_ranges(indices)}", self.url, err) from err
+        stored = self.read_latents(indices, array=array)
         checksums = {}
         for index, wanted, got in zip(indices, values, stored):
             if wanted.tobytes() != got.tobytes():
@@ -308,28 +329,47 @@ class JobStore:
             checksums[str(index)] = frame_checksum(got)
         return checksums
 
-    def read_latents(self, indices: Iterable[int]) -> np.ndarray:
-        """float16 (n, C, h, w) at absolute indices; StoreError if any frame is missing or unreadable."""
+    def read_latents(self, indices: Iterable[int], *, array: str = "latents") -> np.ndarray:
+        """float16 (n, C, h, w) at absolute indices of `array`; StoreError if any frame is missing or unreadable."""
+        source = self.latent_array(array)
+        what = "latent" if array == "latents" else array
         indices = [int(i) for i in indices]
         if not indices:
-            return np.zeros((0, *self.latents.shape[1:]), dtype=np.float16)
+            return np.zeros((0, *source.shape[1:]), dtype=np.float16)
         try:
-            values = self.latents.get_orthogonal_selection((indices,))
+            values = source.get_orthogonal_selection((indices,))
         except Exception as err:  # a torn chunk fails to decompress; name the frame it belongs to
             for index in indices:
                 try:
-                    self.latents[index]
+                    source[index]
                 except Exception:
-                    raise StoreError(f"latent frame {index} in {self.url} is unreadable: {err}") from err
-            raise StoreError(f"latent frames {_ranges(indices)} in {self.url} are unreadable: {err}") from err
+                    raise StoreError(f"{what} frame {index} in {self.url} is unreadable: {err}") from err
+            raise StoreError(f"{what} frames {_ranges(indices)} in {self.url} are unreadable: {err}") from err
         missing = [i for i, frame in zip(indices, values) if np.isnan(frame).all()]
         if missing:
-            raise StoreError(f"latent frames {_ranges(missing)} have not been written to {self.url}")
+            raise StoreError(f"{what} frames {_ranges(missing)} have not been written to {self.url}")
         return values
 
-    def _frame_checksum_or_none(self, index: int) -> str | None:
+    def read_video_latents(self, indices: Iterable[int], *, given: Iterable[int] = (),
+                           refined: bool = False) -> np.ndarray:
+        """The latents a video is decoded from: with `refined`, the refined array's, except the `given` frames
+        (conditioning inputs, never refined), which come from the latents array like every frame without it."""
+        indices = [int(i) for i in indices]
+        if not refined:
+            return self.read_latents(indices)
+        given = set(int(i) for i in given)
+        values = self.read_latents([i for i in indices if i not in given], array="refined")
+        if len(values) == len(indices):
+            return values
+        drafts = self.read_latents([i for i in indices if i in given])
+        merged = np.empty((len(indices), *values.shape[1:]), dtype=values.dtype)
+        is_given = np.array([i in given for i in indices])
+        merged[is_given], merged[~is_given] = drafts, values
+        return merged
+
+    def _frame_checksum_or_none(self, index: int, array: str = "latents") -> str | None:
         try:
-            return frame_checksum(self.latents[index])
+            return frame_checksum(self.latent_array(array)[index])
         except Exception:
             return None
 
@@ -343,19 +383,24 @@ class JobStore:
     def task_marker(self, task_id: str) -> dict | None:
         return self._read_node(f"tasks/{task_id}")
 
-    def task_done(self, task_id: str, latent: Iterable[int] | None = None) -> bool:
-        """True only if the marker parses, covers `latent` (when given) and every checksum matches."""
+    def task_done(self, task_id: str, latent: Iterable[int] | None = None, array: str | None = None) -> bool:
+        """True only if the marker parses, covers `latent` (when given), names `array` (when given) as the one
+        the task wrote (refinement tasks write `refined`) and every checksum matches the frame there."""
         marker = self.task_marker(task_id)
         if marker is None or not isinstance(marker.get("checksums"), dict):
             return False
         checksums = marker["checksums"]
+        written = marker.get("array", "latents")
+        if written not in LATENT_ARRAYS or (array is not None and written != array):
+            return False
         if latent is not None and set(checksums) != {str(i) for i in latent}:
             return False
-        return all(self._frame_checksum_or_none(int(i)) == digest for i, digest in checksums.items())
+        return all(self._frame_checksum_or_none(int(i), written) == digest for i, digest in checksums.items())
 
     def done_tasks(self, tasks: Iterable) -> set[str]:
-        """Ids of the given generation tasks (objects with .task_id and .latent) whose markers verify."""
-        return {task.task_id for task in tasks if self.task_done(task.task_id, task.latent)}
+        """Ids of the given generation tasks (objects with .task_id, .latent and .refine) whose markers verify."""
+        return {task.task_id for task in tasks
+                if self.task_done(task.task_id, task.latent, task_array(getattr(task, "refine", False)))}
 
     # -- conditioning inputs (the plan's `given` frames) ---------------------------------------------------------
 
@@ -482,6 +527,11 @@ class JobStore:
             return zarr.open_group(self.group.store, path=path, mode="r").attrs.asdict()
         except Exception:
             return None
+
+
+def task_array(refine: bool) -> str:
+    """The latent array a task writes: refinement tasks their own, so the drafts they start from stay."""
+    return "refined" if refine else "latents"
 
 
 def _as_float16(frames) -> np.ndarray:

@@ -161,6 +161,24 @@ def test_bad_windows_and_observed_shapes_are_rejected(tiny_gen):
         tiny_gen.sample(Window((), (0,), 8, 8), None, "x", seed=0, steps=1, guidance=1.0, sampler="rk4")
 
 
+def test_sampling_from_a_start_keeps_it_at_a_low_level_and_checks_it(tiny_gen):
+    window = Window(observed_times=(0,), latent_times=(3, 1, 2), height=8, width=8)
+    observed, start = latents(1, 4, 8, 8, seed=1), latents(3, 4, 8, 8, seed=2) * 3
+    kw = dict(seed=5, steps=4, guidance=1.0)
+    near = tiny_gen.sample(window, observed, "x", start=start, start_level=0.01, **kw)
+    far = tiny_gen.sample(window, observed, "x", start=start, start_level=0.9, **kw)
+    fresh = tiny_gen.sample(window, observed, "x", **kw)
+    # returned in the caller's order of latent_times, like the start: a low level barely moves it
+    distance = lambda a: float((a - start).pow(2).mean())  # noqa: E731
+    assert distance(near) < 0.01 * distance(fresh) and distance(near) < distance(far)
+    again = tiny_gen.sample(window, observed, "x", start=start, start_level=0.9, **kw)
+    assert torch.equal(far, again)
+    with pytest.raises(ValueError, match=r"start: expected \(3, 4, 8, 8\), got \(2, 4, 8, 8\)"):
+        tiny_gen.sample(window, observed, "x", start=start[:2], start_level=0.5, **kw)
+    with pytest.raises(ValueError, match="start_level: 0 must be in"):
+        tiny_gen.sample(window, observed, "x", start=start, start_level=0, **kw)
+
+
 def dit_parameters(name: str) -> int:
     """DiT parameters of a preset, counted on the meta device (no memory, no init)."""
     cfg = get_preset(name)

@@ -203,6 +203,14 @@ def test_plan_boundaries_follow_tasks_and_segments():
     expected = [4 * i - 3 for i in range(1, num_latent) if owner[i] != owner[i - 1]]
     assert bounds["task"] == expected and expected
     assert ev.plan_boundaries(plan.to_dict(), num_frames) == bounds
+    assert "refine" not in bounds
+
+    refined = make_plan("autoregressive", num_latent, 8, num_frames=num_frames, decode_context=2,
+                        segment_latents=3, refine=True)
+    with_refinement = ev.plan_boundaries(refined, num_frames)
+    # refinement blocks of 8 - 2 * 2 = 4 latent frames start at latents 4, 8, ...: video frames 13, 29, ...
+    assert with_refinement["task"] == expected
+    assert with_refinement["refine"] == [4 * i - 3 for i in range(4, num_latent, 4)]
 
 
 def test_targets_are_checked_per_schedule():

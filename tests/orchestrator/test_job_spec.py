@@ -40,6 +40,8 @@ def test_defaults_and_derived_values():
         ("guidance_rescale", 1.5, "1"),
         ("infill_guidance", -0.5, "0"),
         ("infill_guidance", 31, "30"),
+        ("refine", -0.1, "0"),
+        ("refine", 1.0, "less than 1"),
         ("seed", -3, "0"),
         ("window", 1, "2"),
         ("codec", "vp9", "h264"),
@@ -72,6 +74,24 @@ def test_infill_tasks_take_the_infill_guidance():
     # A job stored before the setting existed resumes with one guidance for every task, as it started.
     older = {"steps": 8, "guidance": 4.0, "sampler": "euler"}
     assert sampling_settings(older, infill=True)["guidance"] == 4.0
+
+
+def test_refinement_level_and_steps():
+    from orchestrator.run import sampling_settings
+    from orchestrator.spec import REFINE_LEVEL
+
+    default = JobSpec.parse(dict(BASE, steps=8))
+    assert default.refine is None and default.refine_level == REFINE_LEVEL
+    assert default.refine_steps == 5  # 0.6 of 8 steps, rounded up
+    off = JobSpec.parse(dict(BASE, refine=0))
+    assert off.refine_level == 0 and off.refine_steps == 1
+    assert JobSpec.parse(dict(BASE, steps=20, refine=0.25)).refine_steps == 5
+
+    job = {"steps": 8, "guidance": 4.0, "infill_guidance": 1.5, "sampler": "euler", "refine_level": 0.6,
+           "refine_steps": 5}
+    refining = sampling_settings(job, refine=True)
+    assert (refining["guidance"], refining["steps"], refining["start_level"]) == (1.5, 5, 0.6)
+    assert "start_level" not in sampling_settings(job, infill=True)
 
 
 def test_every_problem_is_reported_at_once():

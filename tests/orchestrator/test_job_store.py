@@ -261,3 +261,41 @@ def test_run_records(tmp_path):
     store.write_run_record("20260101T000000-aaaaaa", {"state": "failed", "started": "2026-01-01T00:00:00"})
     runs = store.runs()
     assert [r["state"] for r in runs] == ["failed", "completed"]
+
+
+REFINING_PLAN = {"format": 1, "scheme": "parallel",
+                 "tasks": [{"task_id": "L0-T000", "latent": [1, 2, 3, 4, 5]},
+                           {"task_id": "R0-T000", "latent": [1, 2, 3, 4, 5], "refine": True}]}
+
+
+def test_a_refining_plan_gets_a_refined_array_beside_the_drafts(tmp_path):
+    plain = make_store(tmp_path / "plain.zarr")
+    assert not os.path.exists(tmp_path / "plain.zarr" / "refined")
+    with pytest.raises(StoreError, match="no 'refined' array"):
+        plain.read_latents([0], array="refined")
+    with pytest.raises(ValueError, match="array='drafts'"):
+        plain.read_latents([0], array="drafts")
+
+    store = JobStore.open_for(str(tmp_path / "job.zarr"), spec=SPEC, content=CONTENT, plan=REFINING_PLAN,
+                              model=MODEL, latent_shape=SHAPE)
+    refined = zarr.open_array(str(tmp_path / "job.zarr" / "refined"), mode="r")
+    assert refined.shape == SHAPE and refined.dtype == np.float16 and refined.chunks == (1, *SHAPE[1:])
+    drafts, better = frames(6, seed=1), frames(6, seed=2)
+    store.write_latents(range(6), drafts)
+    with pytest.raises(StoreError, match="refined frames 1-5 have not been written"):
+        store.read_latents(range(1, 6), array="refined")
+    checksums = store.write_latents(range(1, 6), better[1:], array="refined")
+    store.write_task_marker("R0-T000", checksums, array="refined")
+    # the drafts stay as they were, so a refinement that runs again starts from the same frames
+    np.testing.assert_array_equal(store.read_latents(range(6)), drafts.astype(np.float16))
+    assert store.task_done("R0-T000", range(1, 6), "refined")
+    assert not store.task_done("R0-T000", range(1, 6), "latents")  # a marker for the other array proves nothing
+    # a marker whose checksums were taken of the drafts does not verify against the refined frames
+    store.write_task_marker("R0-T001", {str(i): frame_checksum(store.read_latents([i])[0]) for i in range(1, 6)},
+                            array="refined")
+    assert not store.task_done("R0-T001", range(1, 6))
+    # the video decodes the refined frames, and the given frame 0 (never refined) from the drafts
+    video = store.read_video_latents(range(6), given=[0], refined=True)
+    np.testing.assert_array_equal(video[0], drafts[0].astype(np.float16))
+    np.testing.assert_array_equal(video[1:], better[1:].astype(np.float16))
+    np.testing.assert_array_equal(store.read_video_latents(range(6)), drafts.astype(np.float16))

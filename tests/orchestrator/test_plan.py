@@ -364,3 +364,61 @@ def test_bad_inputs_name_the_field(changes, field):
     with pytest.raises(ValueError, match=field) as error:
         make_plan(scheme, num_latent, window, **arguments)
     assert isinstance(error.value, PlanError) and error.value.field == field
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refinement
+
+
+@FAST
+@given(scheme=st.sampled_from(SCHEMES), num_frames=st.integers(1, 700), window=st.integers(3, 20),
+       decode_context=st.integers(0, 6), segment_latents=st.integers(1, 40), data=st.data())
+def test_refinement_pass_invariants(scheme, num_frames, window, decode_context, segment_latents, data):
+    num_latent = latents_for(num_frames)
+    frames = given_frames(data.draw(st.sampled_from(["none", "first", "both", "random"] if scheme == "parallel"
+                                                   else ["none", "clip"])), num_latent, data)
+    args = dict(given=frames, num_frames=num_frames, decode_context=decode_context, segment_latents=segment_latents)
+    try:
+        plain = make_plan(scheme, num_latent, window, **args)
+    except PlanError:  # a window too small for the scheme; test_bad_inputs_name_the_field covers those
+        assume(False)
+    plan = make_plan(scheme, num_latent, window, refine=True, **args)
+    drafts = [t for t in plan.tasks if not t.refine]
+    refinement = [t for t in plan.tasks if t.refine]
+    assert tuple(drafts) == plain.tasks and plan.refines == bool(refinement) and not plain.refines
+    assert "refine" not in json.dumps(plain.to_dict())  # unrefined plans read as they did before refinement
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+    drafted = {t: task.task_id for task in drafts for t in task.latent}
+    refined: dict[int, str] = {}
+    first_level = 1 + max((t.level for t in drafts), default=-1)
+    for task in refinement:
+        assert task.task_id.startswith(f"R{task.level - first_level}-") and task.level in (first_level, first_level + 1)
+        assert len(task.observed) + len(task.latent) <= window and not set(task.observed) & set(task.latent)
+        for t in task.observed:  # given, or refined by the pass before
+            assert t in plan.given or (t in refined and plan.task(refined[t]).level < task.level)
+        if task.level == first_level:
+            assert set(task.observed) <= set(plan.given)
+        assert set(task.depends_on) == ({drafted[t] for t in task.latent}
+                                        | {refined[t] for t in task.observed if t not in plan.given})
+        for t in task.latent:
+            assert t not in plan.given and t not in refined, f"frame {t} refined twice or given"
+            refined[t] = task.task_id
+    assert refined.keys() == drafted.keys(), "every generated frame is refined once"
+    for seg in plan.segments:  # a segment decodes refined frames, so waits for their refinement only
+        assert set(seg.depends_on) == {refined[t] for t in range(seg.context_start, seg.latent_stop) if t in refined}
+    if refinement:
+        assert len(plan.critical_path()) in (len(plain.critical_path()) + 1, len(plain.critical_path()) + 2)
+
+
+def test_refinement_blocks_straddle_the_generation_tasks_borders():
+    plan = plan_for("parallel", 385, 16, refine=True)  # 16 s at 24 fps: 97 latent frames
+    drafts = {t: task.task_id for task in plan.tasks if not task.refine for t in task.latent}
+    refinement = [t for t in plan.tasks if t.refine]
+    # blocks of 16 - 2 * 2 frames: the even ones alone, then the odd ones observing 2 refined frames each side
+    assert [t.latent[0] for t in refinement] == [0, 24, 48, 72, 96, 12, 36, 60, 84]
+    assert refinement[5].observed == (10, 11, 24, 25) and refinement[5].latent == tuple(range(12, 24))
+    borders = [t for t in range(1, 97) if drafts[t] != drafts[t - 1]]
+    inside = [t for t in borders if any(t - 1 in r.latent and t in r.latent for r in refinement)]
+    assert len(inside) > len(borders) // 2  # most generation borders lie inside one refinement window
+    assert "level 2 (refinement): 5 tasks" in plan.summary()

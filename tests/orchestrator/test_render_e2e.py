@@ -13,7 +13,7 @@ import xarray as xr
 
 from render_helpers import tiny_spec
 from orchestrator import media
-from orchestrator.plan import fills_gap
+from orchestrator.plan import Plan, fills_gap
 from orchestrator.run import RenderError, job_status, render, resume
 from orchestrator.store import JobStore, StoreMismatch
 
@@ -49,7 +49,10 @@ def test_render_end_to_end_then_nothing_to_redo(render_cluster, tmp_path):
     task_events = [e for e in events if e["event"] == "task"]
     assert [e["done"] for e in task_events] == list(range(1, len(task_events) + 1))
     assert {e["kind"] for e in task_events} == {"generate", "decode", "mux"}
-    assert task_events[-1]["frames_done"] == 16 and task_events[-1]["latent_frames_done"] == 5
+    plan = JobStore.open(result.store).plan
+    assert any(task.get("refine") for task in plan["tasks"])  # the default spec refines
+    # 5 latent frames drafted, then each sampled once more by the refinement pass
+    assert task_events[-1]["frames_done"] == 16 and task_events[-1]["latent_frames_done"] == 10
     json.dumps(events)  # every event is JSON-able, as `--json` prints them
 
     status = job_status(result.store)
@@ -59,7 +62,8 @@ def test_render_end_to_end_then_nothing_to_redo(render_cluster, tmp_path):
     assert ds["latents"].shape == (5, 4, 6, 8) and not np.isnan(ds["latents"].values).any()
     store = JobStore.open(result.store)
     for task in store.plan["tasks"]:
-        expected = spec.guidance_for_infill if fills_gap(task["observed"], task["latent"]) else spec.guidance
+        infill = task.get("refine") or fills_gap(task["observed"], task["latent"])
+        expected = spec.guidance_for_infill if infill else spec.guidance
         assert store.task_marker(task["task_id"])["guidance"] == expected, task["task_id"]
 
     # Rendering the same spec again finds everything done in the store and submits nothing.
@@ -124,11 +128,13 @@ def test_image_at_start_and_end_and_a_loop(render_cluster, tmp_path):
     latents = latents_of(result.store)
     assert_same_latents(latents[0], encoded(media.read_frames(start_png, 64, 48))[0])
     assert_same_latents(latents[4], encoded(media.read_frames(end_png, 64, 48))[0])
-    generated = sorted(t for task in store.plan["tasks"] for t in task["latent"])
-    assert generated == [1, 2, 3]
-    # Every task fills the gap between the given frames, so each sampled at the infill guidance, which its
-    # marker records.
-    assert all(fills_gap(task["observed"], task["latent"]) for task in store.plan["tasks"])
+    generated = sorted(t for task in store.plan["tasks"] for t in task["latent"] if not task.get("refine"))
+    refined = sorted(t for task in store.plan["tasks"] for t in task["latent"] if task.get("refine"))
+    assert generated == refined == [1, 2, 3]  # given frames are neither generated nor refined
+    np.testing.assert_array_equal(store.read_video_latents([0, 4], given=[0, 4], refined=True), latents[[0, 4]])
+    # Every task fills the gap between the given frames or refines, so each sampled at the infill guidance,
+    # which its marker records.
+    assert all(fills_gap(task["observed"], task["latent"]) for task in store.plan["tasks"] if not task.get("refine"))
     assert {store.task_marker(task["task_id"])["guidance"] for task in store.plan["tasks"]} == \
         {spec.guidance_for_infill} != {spec.guidance}
     assert media.probe(spec.output)["frames"] == 16
@@ -193,10 +199,14 @@ def test_a_write_error_fails_clearly_and_resume_finishes(render_cluster, tmp_pat
     level0 = [t for t in JobStore.open(spec.store_path).plan["tasks"] if t["level"] == 0]
     assert all(JobStore.open(spec.store_path).task_done(t["task_id"], t["latent"]) for t in level0)
     assert not os.path.exists(spec.output)
+    # the keyframes, and any refinement whose drafts did not wait on the blocked task, are done and kept
+    plan = Plan.from_dict(JobStore.open(spec.store_path).plan)
+    done = JobStore.open(spec.store_path).done_tasks(plan.tasks)
+    assert {t["task_id"] for t in level0} <= done and blocked["task"] not in done
 
     os.unlink(blocked["path"])
     result = resume(spec.store_path, scheduler=render_cluster.scheduler_address, engine="eager")
-    assert result.tasks_skipped == len(level0) and result.tasks_run >= 1
+    assert result.tasks_skipped == len(done) and result.tasks_run == len(plan.tasks) - len(done)
     assert media.probe(spec.output)["frames"] == 32
     assert job_status(spec.store_path)["state"] == "completed"
 
@@ -245,3 +255,21 @@ def test_store_given_as_a_file_url(render_cluster, tmp_path):
     assert (tmp_path / "jobs" / "url.zarr" / "latents" / "zarr.json").exists()
     assert job_status(url)["state"] == "completed"
     assert media.probe(spec.output)["frames"] == 8
+
+
+def test_a_store_made_before_refinement_resumes_as_it_was_planned(render_cluster, tmp_path):
+    """A store whose spec has no `refine` field was planned without refinement: resuming it must neither
+    refuse it as another job's nor plan refinement tasks into it."""
+    import zarr
+
+    spec = tiny_spec(tmp_path, refine=0)
+    render(spec, scheduler=render_cluster.scheduler_address, engine="eager")
+    group = zarr.open_group(spec.store_path, mode="r+")
+    older = {k: v for k, v in group.attrs["spec"].items() if k != "refine"}
+    group.attrs["spec"] = older
+    os.unlink(spec.output)
+    result = resume(spec.store_path, scheduler=render_cluster.scheduler_address, engine="eager")
+    store = JobStore.open(spec.store_path)
+    assert not any(task.get("refine") for task in store.plan["tasks"])
+    assert result.tasks_run == 0 and result.tasks_skipped == len(store.plan["tasks"])
+    assert media.probe(spec.output)["frames"] == spec.num_frames

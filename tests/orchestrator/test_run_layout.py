@@ -99,11 +99,14 @@ def test_loop_plan_decodes_only_the_video():
     _, given, allocated = conditioning_layout(job, 9, {})
     plan = plan_job(job, allocated, 8, given, decode_context=4)
     assert plan.num_latent_frames == 10 and plan.given == (0, 9)
-    generated = sorted(t for task in plan.tasks for t in task.latent)
-    assert generated == list(range(1, 9))
+    generated = sorted(t for task in plan.tasks for t in task.latent if not task.refine)
+    refined = sorted(t for task in plan.tasks for t in task.latent if task.refine)
+    assert generated == refined == list(range(1, 9))
     covered = [f for s in plan.segments for f in range(s.frame_start, s.frame_stop)]
     assert covered == list(range(32))
     assert max(s.latent_stop for s in plan.segments) == 9
     # the frames next to the loop point see both ends of the video
     last = next(task for task in plan.tasks if 8 in task.latent)
     assert 9 in last.observed or 0 in last.observed
+    last_refined = next(task for task in plan.tasks if task.refine and 8 in task.latent)
+    assert 9 in last_refined.observed
