@@ -266,6 +266,12 @@ def write_conditioning(inputs: list[dict], job: dict) -> dict:
     return _stamp("condition", "given", started, frames=len(checksums))
 
 
+# Decode segments are stored losslessly (x264 at CRF 0) and the output is encoded from them once, as one stream:
+# segments encoded at the output's quality each start on a keyframe, whose fresh coding of the whole picture
+# made every segment start a visible seam (media.concat_segments).
+LOSSLESS_SEGMENT = {"codec": "h264", "quality": 0}
+
+
 def sampling_settings(job: dict, infill: bool = False, refine: bool = False) -> dict:
     """The job's sampler settings as ``Generator.sample`` takes them, for an infill task (see
     ``plan.fills_gap``), a refinement task or another (jobs stored before a setting existed get its default,
@@ -337,16 +343,22 @@ def decode_segment(segment: dict, job: dict, *dependencies) -> dict:
     if len(frames) != expected:
         raise RuntimeError(f"segment {segment['segment_id']}: decoded {len(frames)} frames, expected {expected}")
     decoded = time.time()
+    lossless = job.get("lossless_segments", False)
+    codec, quality = (LOSSLESS_SEGMENT["codec"], LOSSLESS_SEGMENT["quality"]) if lossless else \
+        (job["codec"], job["quality"])
     with store.segment_writer(segment["segment_id"]) as path:
-        media.encode_segment(frames, path, fps=job["fps"], codec=job["codec"], quality=job["quality"])
+        media.encode_segment(frames, path, fps=job["fps"], codec=codec, quality=quality)
     store.write_segment_marker(segment["segment_id"], frames=expected, run_id=job["run_id"], pid=os.getpid(),
-                               decode_seconds=decoded - started, encode_seconds=time.time() - decoded)
+                               lossless=lossless, decode_seconds=decoded - started,
+                               encode_seconds=time.time() - decoded)
     return _stamp("decode", segment["segment_id"], started, frames=expected, decode_seconds=decoded - started,
                   encode_seconds=time.time() - decoded)
 
 
 def mux_output(segment_ids: list[str], job: dict, *dependencies) -> dict:
-    """Concatenate the segments by stream copy into the output, with prompt, seed and model as metadata."""
+    """Join the segments into the output, with prompt, seed and model as metadata: lossless segments are
+    encoded once, at the job's codec and quality, as one stream; segments of a store made before that are
+    joined by stream copy, as they were encoded at the job's codec already."""
     import fsspec
 
     from orchestrator import media
@@ -357,12 +369,13 @@ def mux_output(segment_ids: list[str], job: dict, *dependencies) -> dict:
     fs, path = fsspec.core.url_to_fs(job["output"])
     local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
     with store.local_segments(segment_ids) as paths:
+        encode = {"codec": job["codec"], "quality": job["quality"]} if job.get("lossless_segments") else None
         if local:
-            info = media.concat_segments(paths, path, metadata=metadata)
+            info = media.concat_segments(paths, path, metadata=metadata, encode=encode)
         else:
             with tempfile.TemporaryDirectory(prefix="longshot-") as tmp:
                 staged = os.path.join(tmp, os.path.basename(path))
-                info = media.concat_segments(paths, staged, metadata=metadata)
+                info = media.concat_segments(paths, staged, metadata=metadata, encode=encode)
                 fs.put_file(staged, path)
     store.write_output_record(job["output"], frames=info["frames"], fps=job["fps"], run_id=job["run_id"],
                               seconds=time.time() - started)
@@ -672,6 +685,17 @@ def _predates_refinement(store_url: str) -> bool:
         return False
 
 
+def _lossless_segments(store: JobStore, plan) -> bool:
+    """Whether the job's segments are stored losslessly and encoded once by the mux: yes, unless the store
+    already holds a segment encoded at the output's codec (made before segments were lossless), since the mux
+    can only join segments encoded alike; those jobs finish as they started."""
+    for segment in plan.segments:
+        marker = store.segment_marker(segment.segment_id)
+        if marker is not None and not marker.get("lossless", False):
+            return False
+    return True
+
+
 def preflight(spec: JobSpec, *, force: bool = False) -> str:
     """Checks that need no cluster: inputs exist, output and store can be written, an existing store
     belongs to this job. Returns the resolved model reference. Raises ValueError subclasses (bad input)."""
@@ -781,7 +805,8 @@ def _render_locked(spec: JobSpec, model_ref: str, show: ProgressReporter, *, sch
             "prompt": spec.prompt, "seed": spec.seed, "steps": spec.steps, "guidance": spec.guidance,
             "guidance_rescale": spec.guidance_rescale, "infill_guidance": spec.guidance_for_infill,
             "refine_level": spec.refine_level, "refine_steps": spec.refine_steps, "refined": plan.refines,
-            "given": list(plan.given), "sampler": spec.sampler, "fps": spec.fps, "width": spec.width, "height": spec.height,
+            "given": list(plan.given), "lossless_segments": _lossless_segments(store, plan),
+            "sampler": spec.sampler, "fps": spec.fps, "width": spec.width, "height": spec.height,
             "num_frames": spec.num_frames, "codec": spec.codec, "quality": spec.quality, "output": spec.output,
             "latent_height": facts["latent_height"], "latent_width": facts["latent_width"],
             "model": model_ref, "engine": engine, "model_identity": facts["identity"],

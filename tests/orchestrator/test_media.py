@@ -407,3 +407,48 @@ def test_missing_and_unreadable_files(tmp_path):
         media.concat_segments([segment], tmp_path / "out.mkv", metadata={})
     with pytest.raises(ValueError, match=r"out_path=.*no-dir.*does not exist"):
         media.concat_segments([segment], tmp_path / "no-dir" / "out.mp4", metadata={})
+
+
+def textured_clip(frames: int, seed: int = 0) -> np.ndarray:
+    """A still, finely textured backdrop with a small square gliding over it: what a keyframe re-codes."""
+    rng = np.random.default_rng(seed)
+    backdrop = rng.integers(60, 200, size=(48, 64, 3), dtype=np.uint8)
+    clip = np.repeat(backdrop[None], frames, axis=0)
+    for i in range(frames):
+        clip[i, 20:28, 4 + i: 12 + i] = (250, 40, 40)
+    return clip
+
+
+def test_lossless_segments_encoded_once_join_without_keyframe_seams(tmp_path):
+    from orchestrator.evaluate import seam_ratio
+
+    clip, lengths = textured_clip(36), (12, 12, 12)
+    starts = [0, 12, 24]
+    model = {"preset": "tiny", "checkpoint_hash": "sha256:ab"}
+    metadata = media.job_metadata("a red square", 1, model)
+    joined = {}
+    for kind, quality in (("copy", 23), ("once", 0)):
+        paths = []
+        for index, (start, length) in enumerate(zip(starts, lengths)):
+            path = tmp_path / f"{kind}-S{index}.mp4"
+            media.encode_segment(clip[start:start + length], path, fps=24, quality=quality)
+            paths.append(path)
+        out = tmp_path / f"{kind}.mp4"
+        encode = {"codec": "h264", "quality": 23} if kind == "once" else None
+        info = media.concat_segments(paths, out, metadata=metadata, encode=encode)
+        assert info["frames"] == 36 and info["frame_rate"] == "24/1"
+        joined[kind] = media.read_frames(out, 64, 48)
+        if kind == "once":
+            assert media.probe(out)["keyframes"] == [0]  # one stream: no keyframe at the segment starts
+            assert json.loads(media.probe(out)["metadata"]["comment"])["seed"] == 1
+    seams = {kind: seam_ratio(frames, starts[1:]) for kind, frames in joined.items()}
+    assert seams["once"] < 1.5 < seams["copy"], seams
+    # the same picture: encoding once loses no more than encoding each segment at the output's quality
+    assert media_psnr(joined["once"], clip) > media_psnr(joined["copy"], clip) - 1.0
+    with pytest.raises(ValueError, match="encode=.*takes codec"):
+        media.concat_segments(paths, tmp_path / "bad.mp4", metadata=metadata, encode={"crf": 23})
+
+
+def media_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / mse))

@@ -60,6 +60,8 @@ def test_bad_paths_exit_2(tmp_path, capsys):
     assert main(["resume", str(tmp_path / "nothing.zarr")]) == 2
     assert main(["render", "x", "-o", str(tmp_path / "o.mp4"), "--model", "no-such-model"]) == 2
     assert "model='no-such-model'" in capsys.readouterr().err
+    assert main(["render", "x", "-o", str(tmp_path / "o.mp4"), "--refine", "1"]) == 2
+    assert "refine=1.0: input should be less than 1" in capsys.readouterr().err
 
 
 def test_cluster_describes_an_existing_scheduler(render_cluster, capsys):

@@ -273,3 +273,27 @@ def test_a_store_made_before_refinement_resumes_as_it_was_planned(render_cluster
     assert not any(task.get("refine") for task in store.plan["tasks"])
     assert result.tasks_run == 0 and result.tasks_skipped == len(store.plan["tasks"])
     assert media.probe(spec.output)["frames"] == spec.num_frames
+
+
+def test_segments_are_lossless_and_a_store_with_older_segments_finishes_by_stream_copy(render_cluster, tmp_path):
+    spec = tiny_spec(tmp_path)
+    result = render(spec, scheduler=render_cluster.scheduler_address, engine="eager")
+    store = JobStore.open(result.store)
+    segments = [s["segment_id"] for s in store.plan["segments"]]
+    assert len(segments) >= 2 and all(store.segment_marker(s)["lossless"] for s in segments)
+    assert media.probe(spec.output)["frames"] == 16
+
+    # A store from before lossless segments: its segments were encoded at the output's quality. Make S0000 such
+    # a segment, drop the others and the output; resuming encodes the rest alike and joins them by stream copy.
+    first = store.segment_url(segments[0])
+    frames = media.read_frames(first, spec.width, spec.height)
+    os.unlink(first)
+    media.encode_segment(frames, first, fps=spec.fps, codec=spec.codec, quality=spec.quality)
+    store.write_segment_marker(segments[0], frames=len(frames))  # as markers were written then: no "lossless"
+    for segment in segments[1:]:
+        os.unlink(store.segment_url(segment))
+    os.unlink(spec.output)
+    resumed = resume(spec.store_path, scheduler=render_cluster.scheduler_address, engine="eager")
+    assert resumed.segments_skipped == 1 and resumed.segments_run == len(segments) - 1
+    assert not any(store.segment_marker(s)["lossless"] for s in segments[1:])
+    assert media.probe(spec.output)["frames"] == 16
