@@ -10,7 +10,9 @@ Which ffmpeg runs (first match wins):
 The binary must be ffmpeg 5.1 or newer (``-fps_mode``). No ffprobe is needed: imageio-ffmpeg ships none, so
 probing reads ffmpeg's own stream report and the packet list of the ``framecrc`` muxer.
 
-A render is encoded in segments, one per decode task, and the segments are joined by stream copy. That only
+A render is encoded in segments, one per decode task. The segments are stored losslessly and
+``concat_segments`` encodes them once into the output as one stream (``encode=``), or joins segments already
+encoded at the output's settings by stream copy. Either way the demuxer reads them as one stream, which only
 works when every segment is encoded with the same settings, so ``encode_segment`` derives them from
 (codec, quality, preset, fps, size) alone, never from the segment length; ``concat_segments`` checks that the
 segments agree (same codec parameters and extradata checksum) before joining them and checks the frame count
