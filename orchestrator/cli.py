@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refine", type=float, metavar="LEVEL",
                    help="noise level of the refinement pass over the drafted latents, 0 (off) to below 1 "
                         "(default 0.6)")
+    r.add_argument("--refine-steps", type=int, dest="refine_steps",
+                   help="sampling steps of a refinement task (default: the share of --steps the level spans, "
+                        "at most 5)")
     r.add_argument("--sampler", help="euler or heun")
     r.add_argument("--schedule", help="parallel (default), autoregressive, long-range, hierarchy-2, hierarchy-3")
     r.add_argument("--window", type=int, help="frames per model call (default: the model's maximum)")
@@ -106,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _spec_overrides(args) -> dict:
     overrides = {k: getattr(args, k) for k in (
         "prompt", "output", "seconds", "fps", "width", "height", "seed", "steps", "guidance", "guidance_rescale",
-        "infill_guidance", "refine", "sampler", "schedule", "window", "model", "codec", "quality", "store", "loop")}
+        "infill_guidance", "refine", "refine_steps", "sampler", "schedule", "window", "model", "codec", "quality",
+        "store", "loop")}
     if args.image:
         from orchestrator.spec import ImageInput
 

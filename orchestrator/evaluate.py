@@ -690,6 +690,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="guidance of infill tasks (default: the job spec's)")
     parser.add_argument("--refine", type=float, default=None,
                         help="noise level of the refinement pass, 0 turns it off (default: the job spec's)")
+    parser.add_argument("--refine-steps", type=int, default=None, dest="refine_steps",
+                        help="sampling steps of a refinement task (default: the job spec's)")
     parser.add_argument("--workers", type=int, default=None, help="local Dask worker processes")
     parser.add_argument("--scheduler", default=None, help="address of a running Dask scheduler to render on")
     parser.add_argument("--engine", choices=("deepspeed", "eager"), default="deepspeed",
@@ -728,7 +730,8 @@ def _job_spec(args: argparse.Namespace, prompt: str, schedule: str, output: Path
     fields = {"prompt": prompt, "seconds": args.seconds, "fps": args.fps, "width": args.width,
               "height": args.height, "steps": args.steps, "guidance": args.guidance,
               "guidance_rescale": args.guidance_rescale, "infill_guidance": args.infill_guidance,
-              "refine": args.refine, "seed": args.seed, "schedule": schedule, "model": args.model, "output": str(output)}
+              "refine": args.refine, "refine_steps": args.refine_steps, "seed": args.seed, "schedule": schedule,
+              "model": args.model, "output": str(output)}
     return JobSpec.parse({k: v for k, v in fields.items() if v is not None})
 
 
@@ -935,6 +938,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
                      "steps": first_job.steps, "guidance": first_job.guidance,
                      "guidance_rescale": first_job.guidance_rescale,
                      "infill_guidance": first_job.guidance_for_infill, "refine": first_job.refine_level,
+                     "refine_steps": first_job.steps_for_refine,
                      "workers": args.workers,
                      "engine": args.engine, "seed": args.seed,
                      "work_dir": str(work)},

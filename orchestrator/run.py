@@ -804,7 +804,7 @@ def _render_locked(spec: JobSpec, model_ref: str, show: ProgressReporter, *, sch
             "run_id": run_id, "store": store.url, "store_created": store.attrs["created"],
             "prompt": spec.prompt, "seed": spec.seed, "steps": spec.steps, "guidance": spec.guidance,
             "guidance_rescale": spec.guidance_rescale, "infill_guidance": spec.guidance_for_infill,
-            "refine_level": spec.refine_level, "refine_steps": spec.refine_steps, "refined": plan.refines,
+            "refine_level": spec.refine_level, "refine_steps": spec.steps_for_refine, "refined": plan.refines,
             "given": list(plan.given), "lossless_segments": _lossless_segments(store, plan),
             "sampler": spec.sampler, "fps": spec.fps, "width": spec.width, "height": spec.height,
             "num_frames": spec.num_frames, "codec": spec.codec, "quality": spec.quality, "output": spec.output,

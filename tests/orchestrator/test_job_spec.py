@@ -42,6 +42,7 @@ def test_defaults_and_derived_values():
         ("infill_guidance", 31, "30"),
         ("refine", -0.1, "0"),
         ("refine", 1.0, "less than 1"),
+        ("refine_steps", 0, "1"),
         ("seed", -3, "0"),
         ("window", 1, "2"),
         ("codec", "vp9", "h264"),
@@ -82,10 +83,12 @@ def test_refinement_level_and_steps():
 
     default = JobSpec.parse(dict(BASE, steps=8))
     assert default.refine is None and default.refine_level == REFINE_LEVEL
-    assert default.refine_steps == 5  # 0.6 of 8 steps, rounded up
+    assert default.steps_for_refine == 5  # 0.6 of 8 steps, rounded up
     off = JobSpec.parse(dict(BASE, refine=0))
-    assert off.refine_level == 0 and off.refine_steps == 1
-    assert JobSpec.parse(dict(BASE, steps=20, refine=0.25)).refine_steps == 5
+    assert off.refine_level == 0 and off.steps_for_refine == 1
+    assert JobSpec.parse(dict(BASE, steps=4, refine=0.25)).steps_for_refine == 1
+    assert JobSpec.parse(dict(BASE, steps=20)).steps_for_refine == 5  # 12 by the share, capped
+    assert JobSpec.parse(dict(BASE, steps=20, refine_steps=3)).steps_for_refine == 3
 
     job = {"steps": 8, "guidance": 4.0, "infill_guidance": 1.5, "sampler": "euler", "refine_level": 0.6,
            "refine_steps": 5}
