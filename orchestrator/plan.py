@@ -343,7 +343,7 @@ def _refinement_tasks(tasks: Sequence[GenerationTask], num_latent: int, window: 
     out: list[GenerationTask] = []
     starts = list(range(0, num_latent, block))
     for refinement_pass in (0, 1):
-        index = 0
+        index, passed = 0, []
         for number, start in enumerate(starts):
             if number % 2 != refinement_pass:
                 continue
@@ -356,13 +356,13 @@ def _refinement_tasks(tasks: Sequence[GenerationTask], num_latent: int, window: 
                 observed = tuple(t for t in around if t in given_set)
             else:
                 observed = tuple(t for t in around if t in given_set or t in refined)
-            task_id = f"R{refinement_pass}-T{index:03d}"
-            depends = _producers(latent, drafted) + _producers(observed, refined)
-            out.append(GenerationTask(task_id, first_level + refinement_pass, observed, latent, depends,
-                                      refine=True))
+            task = GenerationTask(f"R{refinement_pass}-T{index:03d}", first_level + refinement_pass, observed,
+                                  latent, _producers(latent, drafted) + _producers(observed, refined), refine=True)
+            passed.append(task)
             index += 1
-        refined.update((t, task.task_id) for task in out if task.level == first_level + refinement_pass
-                       for t in task.latent)
+        # a pass observes only frames of the passes before it, so its own frames count as refined after it
+        refined.update((t, task.task_id) for task in passed for t in task.latent)
+        out.extend(passed)
     return out
 
 

@@ -344,10 +344,9 @@ def decode_segment(segment: dict, job: dict, *dependencies) -> dict:
         raise RuntimeError(f"segment {segment['segment_id']}: decoded {len(frames)} frames, expected {expected}")
     decoded = time.time()
     lossless = job.get("lossless_segments", False)
-    codec, quality = (LOSSLESS_SEGMENT["codec"], LOSSLESS_SEGMENT["quality"]) if lossless else \
-        (job["codec"], job["quality"])
+    settings = LOSSLESS_SEGMENT if lossless else {"codec": job["codec"], "quality": job["quality"]}
     with store.segment_writer(segment["segment_id"]) as path:
-        media.encode_segment(frames, path, fps=job["fps"], codec=codec, quality=quality)
+        media.encode_segment(frames, path, fps=job["fps"], **settings)
     store.write_segment_marker(segment["segment_id"], frames=expected, run_id=job["run_id"], pid=os.getpid(),
                                lossless=lossless, decode_seconds=decoded - started,
                                encode_seconds=time.time() - decoded)

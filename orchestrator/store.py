@@ -319,8 +319,7 @@ class JobStore:
             for index, frame in zip(indices, values):
                 target[index] = frame
         except OSError as err:
-            what = "latent" if array == "latents" else array
-            raise StoreWriteError(f"{what} frames {_ranges(indices)}", self.url, err) from err
+            raise StoreWriteError(f"{_frames_of(array)} {_ranges(indices)}", self.url, err) from err
         stored = self.read_latents(indices, array=array)
         checksums = {}
         for index, wanted, got in zip(indices, values, stored):
@@ -332,7 +331,7 @@ class JobStore:
     def read_latents(self, indices: Iterable[int], *, array: str = "latents") -> np.ndarray:
         """float16 (n, C, h, w) at absolute indices of `array`; StoreError if any frame is missing or unreadable."""
         source = self.latent_array(array)
-        what = "latent" if array == "latents" else array
+        what = _frames_of(array)
         indices = [int(i) for i in indices]
         if not indices:
             return np.zeros((0, *source.shape[1:]), dtype=np.float16)
@@ -343,11 +342,11 @@ class JobStore:
                 try:
                     source[index]
                 except Exception:
-                    raise StoreError(f"{what} frame {index} in {self.url} is unreadable: {err}") from err
-            raise StoreError(f"{what} frames {_ranges(indices)} in {self.url} are unreadable: {err}") from err
+                    raise StoreError(f"{what[:-1]} {index} in {self.url} is unreadable: {err}") from err
+            raise StoreError(f"{what} {_ranges(indices)} in {self.url} are unreadable: {err}") from err
         missing = [i for i, frame in zip(indices, values) if np.isnan(frame).all()]
         if missing:
-            raise StoreError(f"{what} frames {_ranges(missing)} have not been written to {self.url}")
+            raise StoreError(f"{what} {_ranges(missing)} have not been written to {self.url}")
         return values
 
     def read_video_latents(self, indices: Iterable[int], *, given: Iterable[int] = (),
@@ -527,6 +526,11 @@ class JobStore:
             return zarr.open_group(self.group.store, path=path, mode="r").attrs.asdict()
         except Exception:
             return None
+
+
+def _frames_of(array: str) -> str:
+    """How messages name frames of a latent array: "latent frames" or "refined frames"."""
+    return ("latent" if array == "latents" else array) + " frames"
 
 
 def task_array(refine: bool) -> str:
