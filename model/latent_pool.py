@@ -87,7 +87,7 @@ def encode_groups(vae: torch.nn.Module, spec, times: list[int], fps: int, width:
     video = torch.stack(groups)  # (n, 3, 4, H, W)
     n, tf = video.shape[0], video.shape[2]
     packed = video.reshape(n, 3, 1, tf, height, width).permute(0, 3, 1, 2, 4, 5).reshape(n, 3 * tf, 1, height, width)
-    moments = vae.encoder(packed)
+    moments = vae.encoder(packed.to(next(vae.parameters()).device))
     return moments.chunk(2, dim=1)[0][:, :, 0]
 
 
@@ -96,7 +96,7 @@ def encoder_digest(vae: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(vae.encoder.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -220,7 +220,7 @@ def build_pool(vae: torch.nn.Module, path: str | Path, clips: int, *, sizes: tup
         for lo in range(0, n, ENCODE_BATCH):
             times = list(range(lo, min(n, lo + ENCODE_BATCH)))
             means = encode_groups(vae, spec, times, clip.fps, clip.width, clip.height)
-            array[lo:lo + len(times)] = means.to(torch.float16).numpy()
+            array[lo:lo + len(times)] = means.to("cpu", torch.float16).numpy()
         array.attrs["complete"] = True  # only now does the clip count
         rate = done / max(time.time() - start, 1e-9)
         log(f"[latents] clip {index} ({clip.width}x{clip.height}, {clip.seconds} s at {clip.fps} fps, {n} latent "

@@ -11,6 +11,13 @@ config.json) that :meth:`model.Generator.load` reads.
     longshot train latents --run runs/demo --clips 400    # optional: encode clips once (model.latent_pool) ...
     longshot train dit  --run runs/demo --latents         # ... and train the DiT on them, twice as fast on a CPU
     longshot train export --run runs/demo --out model/checkpoints/demo
+    longshot train unpack --run runs/more --init-from model/checkpoints/demo   # a run from a checkpoint, then
+    longshot train dit --run runs/more --init-from model/checkpoints/demo --steps 20000 --latents   # train on
+
+Training runs on a CUDA device when there is one (``--device``, default ``auto``; the forward passes in bf16
+autocast there, the weights, optimiser and EMA stay fp32) and on the CPU otherwise. Every part records where
+its steps ran (``compute`` in ``<run>/<part>/<part>.json`` and in an exported checkpoint's config), so a model
+card can say which compute trained it.
 
 The DiT sees what the orchestrator will ask of it: windows of frames drawn from videos as long as the full 60
 seconds with log-uniform strides, some frames observed (clean) and the others noised, single images as
@@ -19,7 +26,9 @@ one-frame windows, and several aspect ratios packed into one batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import platform
 import json
 import math
 import os
@@ -37,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from model.config import ModelConfig, get_preset, preset_names
 from model.dit import FrameInputs
 from model.flow import flow_loss, noisy, sample_training_times, video_noise
-from model.generator import WEIGHTS_FILE, Generator, VideoModel, _quiet_open_clip
+from model.generator import CONFIG_FILE, WEIGHTS_FILE, Generator, VideoModel, _quiet_open_clip
 from model.latent_pool import (CLIP_FPS, CLIP_SECONDS, LatentPool, build_pool, encode_groups, latent_object_mask,
                                num_latents, to_pixels)
 from model.vae import Decoder
@@ -114,6 +123,25 @@ class Logger:
               flush=True)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``--device``: "auto" is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {name!r} asked for, but torch sees no CUDA device on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: {name!r} is neither cpu nor cuda")
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    """What trained a run's steps, for its metadata: the GPU's name, or the CPU and its torch threads."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.machine() or 'unknown'}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
 def lr_at(step: int, base: float, warmup: int, total: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -129,6 +157,8 @@ class Trainer:
     def __init__(self, args, model: VideoModel, params, rng_seed: int):
         self.args = args
         self.model = model
+        # The model is on this device already (main moves it before the optimiser sees the parameters).
+        self.device = next(model.parameters()).device
         self.paths = RunPaths(Path(args.run), self.part)
         self.paths.dir.mkdir(parents=True, exist_ok=True)
         self.params = list(params)
@@ -137,6 +167,28 @@ class Trainer:
         self.rng = random.Random(rng_seed)
         self.ema: dict[str, torch.Tensor] | None = None
         self.warm_source: str | None = None  # where a warm-started run's first weights came from
+        # Where the steps ran: one record per stretch of steps on one device (a run may resume elsewhere).
+        self.compute: list[dict] = []
+        self._stretch_start = 0
+
+    def autocast(self):
+        """bf16 autocast of the forward passes on a GPU; the CPU keeps fp32 (its bf16 matmuls are slower)."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def to_device(self, *tensors: torch.Tensor):
+        moved = tuple(t.to(self.device, non_blocking=True) for t in tensors)
+        return moved if len(moved) > 1 else moved[0]
+
+    def record_compute(self) -> None:
+        """Extend this stretch's record to the current step, or open a new one on resuming elsewhere."""
+        here = describe_device(self.device)
+        if self.compute and self.compute[-1]["device"] == here and self.compute[-1]["to"] == self._stretch_start:
+            self.compute[-1]["to"] = self.step
+        elif self.step > self._stretch_start:
+            self.compute.append({"device": here, "from": self._stretch_start, "to": self.step})
+        self._stretch_start = self.step
 
     def module(self) -> torch.nn.Module:
         return getattr(self.model, self.part)
@@ -173,21 +225,25 @@ class Trainer:
             self.opt.load_state_dict(state["optimizer"])
             self.step = state["step"]
             self.ema = state.get("ema")
+            if self.ema is not None:
+                self.ema = {k: v.to(self.device) for k, v in self.ema.items()}
             self.warm_source = state.get("init_from")
+            self.compute = list(state.get("compute", ()))
             self.rng.setstate(state["rng"])
             torch.set_rng_state(state["torch_rng"])
             print(f"[{self.part}] resumed at step {self.step} from {self.state_path}", flush=True)
 
     def save(self, final: bool = False) -> None:
+        self.record_compute()
         atomic_torch_save({"weights": self.module().state_dict(), "optimizer": self.opt.state_dict(),
                            "step": self.step, "ema": self.ema, "rng": self.rng.getstate(),
-                           "init_from": self.warm_source,
+                           "init_from": self.warm_source, "compute": self.compute,
                            "torch_rng": torch.get_rng_state()}, self.state_path)
         weights = self.ema if self.ema is not None else self.module().state_dict()
         atomic_save_safetensors(weights, self.paths.weights)
         meta = {"part": self.part, "preset": self.args.preset, "step": self.step, "final": final,
                 "ema": self.ema is not None, **({"init_from": self.warm_source} if self.warm_source else {}),
-                **self.metadata()}
+                "compute": self.compute, **self.metadata()}
         self.paths.meta.write_text(json.dumps(meta, indent=2))
 
     def metadata(self) -> dict:
@@ -209,13 +265,22 @@ class Trainer:
 
     def run(self) -> None:
         self.resume()
+        self._stretch_start = self.step
+        print(f"[{self.part}] training on {describe_device(self.device)}", flush=True)
         total = self.args.steps
         log = Logger(self.paths.log, total, self.args.log_every)
         self.module().train()
+        # A time budget (--minutes) ends the run early at a step boundary; the learning rate still follows the
+        # schedule over --steps, so a later command with the same --steps resumes where this one stopped.
+        deadline = time.monotonic() + 60 * self.args.minutes if getattr(self.args, "minutes", None) else None
         while self.step < total:
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"[{self.part}] time budget of {self.args.minutes:g} min spent at step {self.step}", flush=True)
+                break
             for group in self.opt.param_groups:
                 group["lr"] = lr_at(self.step, self.args.lr, self.args.warmup, total)
-            loss, values = self.loss()
+            with self.autocast():
+                loss, values = self.loss()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             grad = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -227,7 +292,7 @@ class Trainer:
             if self.step % self.args.save_every == 0:
                 self.save()
         self.finish()
-        self.save(final=True)
+        self.save(final=self.step >= total)
         print(f"[{self.part}] done: {self.paths.weights}", flush=True)
 
     def finish(self) -> None:
@@ -328,7 +393,7 @@ class VAETrainer(Trainer):
             start = self.rng.randrange(0, 60 * fps)
             clips.append(to_pixels(render_frames(spec, range(start, start + num_frames), fps=fps, width=w, height=h)))
             captions.append(caption(spec))
-        return torch.stack(clips), captions
+        return self.to_device(torch.stack(clips)), captions
 
     @torch.no_grad()
     def generated_latents(self, mean: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -345,12 +410,13 @@ class VAETrainer(Trainer):
         windows = []
         for clip in z.transpose(1, 2):  # (T_lat, C, h, w)
             n = len(clip)
-            t = torch.full((n,), self.rng.uniform(*GENERATED_NOISE))
-            noise = video_noise(n, tuple(clip.shape[1:]), cfg.flow.noise_correlation)
-            windows.append(FrameInputs(noisy(clip, noise, t), torch.zeros(n, dtype=torch.bool), torch.arange(n), t))
+            t = torch.full((n,), self.rng.uniform(*GENERATED_NOISE), device=self.device)
+            noise = self.to_device(video_noise(n, tuple(clip.shape[1:]), cfg.flow.noise_correlation))
+            windows.append(FrameInputs(noisy(clip, noise, t), torch.zeros(n, dtype=torch.bool, device=self.device),
+                                       torch.arange(n, device=self.device), t))
         text = self.model.text.encode(captions)
         velocity = self.model.dit(windows, text.tokens, text.mask, text.pooled)
-        estimates = torch.stack([w.frames - w.noise.view(-1, 1, 1, 1) * v for w, v in zip(windows, velocity)])
+        estimates = torch.stack([w.frames - w.noise.view(-1, 1, 1, 1) * v.float() for w, v in zip(windows, velocity)])
         return estimates.transpose(1, 2) / scale + shift
 
     def loss(self):
@@ -416,11 +482,11 @@ class TextTrainer(Trainer):
             images.append(to_pixels(render_frames(spec, [frame], fps=fps, width=self.image_size,
                                                   height=self.image_size))[:, 0])
             prompts.append(caption(spec))
-        tokens = self.model.text.tokenize(prompts)
-        img, txt, scale = self.model.text.contrastive_logits(tokens, torch.stack(images))
-        loss = self.clip_loss(img, txt, scale)
+        tokens, images = self.to_device(self.model.text.tokenize(prompts), torch.stack(images))
+        img, txt, scale = self.model.text.contrastive_logits(tokens, images)
+        loss = self.clip_loss(img.float(), txt.float(), scale.float())
         with torch.no_grad():
-            acc = ((img @ txt.T).argmax(1) == torch.arange(len(img))).float().mean()
+            acc = ((img @ txt.T).argmax(1) == torch.arange(len(img), device=img.device)).float().mean()
         return loss, {"acc": acc.item()}
 
 
@@ -552,8 +618,10 @@ class DiTTrainer(Trainer):
         return meta
 
     def encode_latents(self, spec, times: list[int], fps: int, w: int, h: int) -> torch.Tensor:
-        """Latent frames at absolute indices ``times``, normalised: each encoded from just its own frames."""
-        return self.normalise(encode_groups(self.model.vae, spec, times, fps, w, h))
+        """Latent frames at absolute indices ``times``, normalised: each encoded from just its own frames, in
+        fp32 even under autocast (the latent space is the fp32 encoder's, as in a latent pool or a render)."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.normalise(encode_groups(self.model.vae, spec, times, fps, w, h))
 
     def normalise(self, means: torch.Tensor) -> torch.Tensor:
         cfg = self.model.cfg
@@ -585,7 +653,7 @@ class DiTTrainer(Trainer):
             elif self.pool is not None:
                 attrs, clip = self.pool.draw(self.rng, video_size)
                 observed, latent = sample_window(self.rng, len(clip), K)
-                x0 = self.normalise(torch.from_numpy(clip[sorted(observed + latent)]).float())
+                x0 = self.normalise(self.to_device(torch.from_numpy(clip[sorted(observed + latent)]).float()))
                 text = attrs["caption"]
                 spec = sample_world(attrs["world_seed"]) if self.args.object_weight else None
                 fps, w, h = attrs["fps"], attrs["width"], attrs["height"]
@@ -602,10 +670,11 @@ class DiTTrainer(Trainer):
             t = sample_training_times(1, self.shift).expand(len(times)).clone()
             t[is_obs] = 0.0
             noise = video_noise(len(x0), tuple(x0.shape[1:]), self.model.cfg.flow.noise_correlation)
+            is_obs, t, noise = self.to_device(is_obs, t, noise)
             xt = torch.where(is_obs[:, None, None, None], x0, noisy(x0, noise, t))
-            windows.append(FrameInputs(xt, is_obs, torch.tensor(times), t))
-            weight = (object_loss_weight(spec, times, fps, w, h, self.model.cfg.vae.spatial_factor,
-                                         self.args.object_weight) if self.args.object_weight else None)
+            windows.append(FrameInputs(xt, is_obs, self.to_device(torch.tensor(times)), t))
+            weight = (self.to_device(object_loss_weight(spec, times, fps, w, h, self.model.cfg.vae.spatial_factor,
+                                                        self.args.object_weight)) if self.args.object_weight else None)
             targets.append((x0, noise, ~is_obs, weight))
             prompts.append("" if self.rng.random() < self.model.cfg.flow.text_dropout else text)
         tokens, mask, pooled = self.text(prompts)
@@ -691,10 +760,41 @@ def export(run: Path, out: Path, preset: str) -> Path:
     return out
 
 
+def unpack(checkpoint: Path, run: Path) -> Path:
+    """A run directory made from a checkpoint: its architecture (``model.json``) and every part's weights (fp32)
+    and training record, so that any part can train on from a shipped model while the others stay as they are.
+
+    Run directories are where training keeps its state and are not shipped; without this, going on from the
+    shipped model would need the very run that made it. The part being trained then warm-starts from the
+    checkpoint (``--init-from``), which starts a fresh optimiser and learning-rate schedule on its weights.
+    """
+    Generator.load(checkpoint)  # a readable, complete checkpoint, or a CheckpointError naming what is wrong
+    taken = [RunPaths(run, part).weights for part in PARTS if RunPaths(run, part).weights.is_file()]
+    if taken or (run / "model.json").is_file():
+        raise FileExistsError(f"--run: {run} already holds a run ({(taken or [run / 'model.json'])[0]}); "
+                              f"unpack into a new directory")
+    meta = json.loads((checkpoint / CONFIG_FILE).read_text())
+    state = load_file(str(checkpoint / WEIGHTS_FILE))
+    run.mkdir(parents=True, exist_ok=True)
+    for part in PARTS:
+        paths = RunPaths(run, part)
+        paths.dir.mkdir(parents=True, exist_ok=True)
+        prefix = f"{part}."
+        atomic_save_safetensors({k[len(prefix):]: v.float() if v.is_floating_point() else v
+                                 for k, v in state.items() if k.startswith(prefix)}, paths.weights)
+        record = {**meta.get("training", {}).get(part, {}), "part": part, "unpacked_from": str(checkpoint)}
+        if part == "vae":  # the latent normalisation the DiT was trained in
+            record.update(latent_shift=meta["model"]["latent_shift"], latent_scale=meta["model"]["latent_scale"])
+        paths.meta.write_text(json.dumps(record, indent=2))
+    (run / "model.json").write_text(json.dumps(meta["model"], indent=2) + "\n")
+    print(f"unpacked {checkpoint} into {run}: {', '.join(PARTS)}")
+    return run
+
+
 # -------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="longshot train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=PARTS + ("latents", "export"))
+    parser.add_argument("part", choices=PARTS + ("latents", "export", "unpack"))
     parser.add_argument("--preset", default="demo", choices=preset_names())
     parser.add_argument("--run", default="runs/demo", help="run directory holding every part's state")
     parser.add_argument("--out", default=None, help="export: checkpoint directory to write")
@@ -715,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="vae: train the decoder alone on the frozen encoder (the latent space stays fixed)")
     parser.add_argument("--init-from", default=None, metavar="DIR",
                         help="a fresh run starts from the tensors of the same name and shape in this run or "
-                             "checkpoint directory")
+                             "checkpoint directory; unpack: the checkpoint to unpack (default: the shipped one)")
     parser.add_argument("--latents", nargs="?", const="", default=None, metavar="POOL",
                         help="dit: draw training windows from a latent pool (default <run>/latents.zarr) built "
                              "by `longshot train latents`, instead of drawing and encoding clips every step")
@@ -732,6 +832,11 @@ def main(argv: list[str] | None = None) -> int:
                              "frozen, warm-started DiT")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="auto",
+                        help="where to train: auto (a CUDA device when there is one, else the CPU), cpu, cuda, "
+                             "cuda:N")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop (and save) after this many minutes of training, even before --steps")
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--log-every", type=int, default=10)
     args = parser.parse_args(argv)
@@ -741,10 +846,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "export":
         export(run, Path(args.out or "model/checkpoints/demo"), args.preset)
         return 0
+    if args.part == "unpack":
+        source = Path(args.init_from) if args.init_from else Generator.default_checkpoint()
+        if source is None:
+            raise FileNotFoundError("unpack: no --init-from given and this installation has no shipped checkpoint")
+        unpack(source, run)
+        return 0
     if args.latents == "" or (args.part == "latents" and args.latents is None):
         args.latents = str(run / POOL_NAME)
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
+        raise ValueError(f"--minutes: {args.minutes!r} must be a positive number of minutes")
+    device = resolve_device(args.device)
     if args.part == "latents":
         model, _ = build_model(args.preset, run, ("vae",))
+        model.to(device)
         build_pool(model.vae, args.latents, args.clips, sizes=VIDEO_SIZES, seed=args.seed, rebuild=args.rebuild)
         return 0
     defaults = {"vae": (3000, 4, 1e-3, 0.0), "text": (1500, 64, 1e-3, 0.0), "dit": (4000, 8, 3e-4, 0.995)}
@@ -756,13 +871,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     if args.part == "dit":
         model, _ = build_model(args.preset, run, ("vae", "text"))
-        trainer: Trainer = DiTTrainer(args, model)
+        trainer: Trainer = DiTTrainer(args, model.to(device))
     elif args.part == "vae" and args.generated and args.decoder_only:
         model, _ = build_model(args.preset, run, ("text", "dit"))  # the run's own DiT makes the latents
-        trainer = VAETrainer(args, model)
+        trainer = VAETrainer(args, model.to(device))
     else:
         with _quiet_open_clip():
-            model = VideoModel(run_config(args.preset, run))
+            model = VideoModel(run_config(args.preset, run)).to(device)
         trainer = VAETrainer(args, model) if args.part == "vae" else TextTrainer(args, model)
     trainer.run()
     return 0

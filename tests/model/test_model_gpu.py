@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from model import Generator, Window
 from model_test_helpers import latents, randomize_
@@ -56,3 +57,20 @@ def test_cuda_matches_cpu(gpu_gen):
     randomize_(cpu.model.dit, 1000)
     z = latents(3, 4, 4, 4, seed=3)
     assert (gpu_gen.decode_float(z) - cpu.decode_float(z)).abs().amax() <= 5e-2
+
+
+def test_cuda_trains_every_part_and_resumes_on_the_cpu(tmp_path):
+    import json
+
+    from model.train import main
+
+    run = tmp_path / "run"
+    common = ["--preset", "tiny", "--run", str(run), "--save-every", "1", "--log-every", "1", "--warmup", "1"]
+    assert main(["vae", *common, "--steps", "2", "--batch", "1", "--device", "cuda"]) == 0
+    assert main(["text", *common, "--steps", "2", "--batch", "4", "--device", "cuda"]) == 0
+    assert main(["dit", *common, "--steps", "2", "--batch", "2", "--device", "cuda"]) == 0
+    assert main(["dit", *common, "--steps", "3", "--batch", "2", "--device", "cpu"]) == 0
+    compute = json.loads((run / "dit" / "dit.json").read_text())["compute"]
+    assert [(r["device"].split(":")[0], r["from"], r["to"]) for r in compute] == [("cuda", 0, 2), ("cpu", 2, 3)]
+    weights = load_file(str(run / "dit" / "dit.safetensors"))
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())

@@ -100,6 +100,9 @@ def test_every_part_trains_resumes_and_exports(tmp_path, capsys, monkeypatch):
     assert steps == [1, 2, 3]
     meta = json.loads((run / "vae" / "vae.json").read_text())
     assert meta["step"] == 3 and meta["latent_scale"] > 0
+    # Where the steps ran: the resumed stretch on the same device extends the first record.
+    [record] = meta["compute"]
+    assert record["device"].startswith("cpu: ") and (record["from"], record["to"]) == (0, 3)
 
     assert main(["vae", *common, "--steps", "1", "--batch", "1", "--decoder-only", "--seam", "4"]) == 0
     assert main(["text", *common, "--steps", "2", "--batch", "4"]) == 0
@@ -111,6 +114,7 @@ def test_every_part_trains_resumes_and_exports(tmp_path, capsys, monkeypatch):
     assert generator.config.latent_scale == pytest.approx(meta["latent_scale"], rel=1e-6)
     training = json.loads((out / "config.json").read_text())["training"]
     assert training["dit"]["step"] == 2
+    assert [(r["from"], r["to"]) for r in training["dit"]["compute"]] == [(0, 2)]
     assert training["vae"]["encoder_steps"] == 3 and training["vae"]["decoder_steps"] == 1
     window = Window(observed_times=(), latent_times=(0, 1), height=4, width=4)
     latents = generator.sample(window, None, "a red circle bouncing on a blue background", seed=0, steps=2,
@@ -248,3 +252,38 @@ def test_a_run_keeps_the_architecture_it_started_with(tmp_path):
         main(["vae", "--preset", "tiny", *common[:2], "--steps", "2", "--batch", "1"])
     with pytest.raises(ValueError, match="preset: run .* trains preset 'tiny'"):
         main(["vae", "--preset", "demo", *common])
+
+
+def test_the_training_device_is_checked_before_any_work(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"--device: 'mps' is neither cpu nor cuda"):
+        main(["text", "--preset", "tiny", "--run", str(run), "--steps", "1", "--device", "mps"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"--device: 'cuda' asked for, but torch sees no CUDA device"):
+            main(["text", "--preset", "tiny", "--run", str(run), "--steps", "1", "--device", "cuda"])
+    assert not (run / "text").exists()
+
+
+def test_a_checkpoint_unpacks_into_a_run_that_trains_on(tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint"
+    shipped = Generator.from_preset("tiny", seed=0)
+    shipped.save(checkpoint, dtype=torch.float16, extra={"training": {"dit": {"step": 7, "ema": True}}})
+    run = tmp_path / "run"
+    assert main(["unpack", "--preset", "tiny", "--run", str(run), "--init-from", str(checkpoint)]) == 0
+    assert json.loads((run / "dit" / "dit.json").read_text())["step"] == 7
+    with pytest.raises(FileExistsError, match=r"--run: .* already holds a run"):
+        main(["unpack", "--preset", "tiny", "--run", str(run), "--init-from", str(checkpoint)])
+
+    # The DiT trains on from the checkpoint; the VAE and text encoder come out of the new export as shipped.
+    assert main(["dit", "--preset", "tiny", "--run", str(run), "--init-from", str(checkpoint), "--steps", "2",
+                 "--batch", "2", "--warmup", "1", "--device", "cpu"]) == 0
+    assert re.search(r"warm start from .*: \d+ tensors copied, 0 kept fresh", capsys.readouterr().out)
+    out = tmp_path / "again"
+    assert main(["export", "--preset", "tiny", "--run", str(run), "--out", str(out)]) == 0
+    before, after = load_file(str(checkpoint / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("dit."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("dit."))
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == json.loads((checkpoint / "config.json").read_text())["model"]
+    assert config["training"]["dit"]["step"] == 2 and config["training"]["vae"]["unpacked_from"] == str(checkpoint)

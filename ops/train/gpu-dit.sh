@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Train the demo model's DiT on from the shipped checkpoint on a GPU machine, and score the result.
+#
+# The shipped DiT trained 16,000 steps on a 2-core CPU and its loss was still falling (MODEL_CARD.md); a GPU
+# does that many steps in minutes. This script needs nothing but the repository and torch: it unpacks the
+# shipped checkpoint into a run, trains the DiT (clips drawn and encoded on the GPU every step), exports, and
+# scores one generated window per held-out prompt for the new and the shipped DiT.
+#
+#   MINUTES=15 STEPS=30000 BATCH=32 bash ops/train/gpu-dit.sh
+#
+# On a machine without the project's packages, prepare wheels first (../shared/tools/device-wheels.sh) and
+# carry .whl: they are installed to /tmp/site. Results go to $OUT (default ./gpu-out), small enough to bring
+# back from a lent machine: dit.safetensors (the EMA weights, fp32), dit.json, log.jsonl, window.json.
+# To ship them, on the machine that keeps the repository:
+#   longshot train unpack --run runs/gpu
+#   cp gpu-out/dit.safetensors gpu-out/dit.json runs/gpu/dit/
+#   longshot train export --run runs/gpu --out model/checkpoints/demo     # then `longshot eval` decides
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-gpu-out}
+run=${RUN:-$(mktemp -d)/run}
+minutes=${MINUTES:-15}
+steps=${STEPS:-30000}
+batch=${BATCH:-32}
+lr=${LR:-3e-4}
+device=${DEVICE:-cuda}
+prompts=${PROMPTS:-32}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+python3 -m model.train unpack --run "$run"
+python3 -m model.train dit --run "$run" --init-from model/checkpoints/demo --steps "$steps" --batch "$batch" \
+  --lr "$lr" --minutes "$minutes" --save-every 500 --log-every 100 --device "$device" 2>&1 | tee "$out/train.txt"
+cp "$run/dit/dit.safetensors" "$run/dit/dit.json" "$run/dit/log.jsonl" "$out/"
+python3 -m model.train export --run "$run" --out "$run/export"
+
+python3 - "$run/export" "$prompts" "$device" > "$out/window.json" <<'PY'
+import json, sys
+from model.generator import Generator
+from orchestrator.evaluate import eval_prompts, window_adherence
+
+trained, count, device = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+report = {}
+for name, path in (("shipped", Generator.default_checkpoint()), ("trained", trained)):
+    generator = Generator.load(path, device=device)
+    report[name] = window_adherence(generator, eval_prompts(count), width=128, height=80, fps=24, steps=8,
+                                    guidance=4.0)
+print(json.dumps(report, indent=2))
+PY
+cat "$out/window.json"
