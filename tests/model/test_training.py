@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 import model.train
 from model.dit import VideoDiT
 from model.generator import Generator, Window
-from model.train import gradient_loss, main, object_loss_weight, sample_window, seam_loss
+from model.train import (gradient_loss, main, object_loss_weight, object_pixel_weight, sample_window, seam_loss,
+                         weighted_mean)
 from model.world import ObjectSpec, WorldSpec
 
 
@@ -104,7 +105,9 @@ def test_every_part_trains_resumes_and_exports(tmp_path, capsys, monkeypatch):
     [record] = meta["compute"]
     assert record["device"].startswith("cpu: ") and (record["from"], record["to"]) == (0, 3)
 
-    assert main(["vae", *common, "--steps", "1", "--batch", "1", "--decoder-only", "--seam", "4"]) == 0
+    assert main(["vae", *common, "--steps", "1", "--batch", "1", "--decoder-only", "--seam", "4",
+                 "--object-weight", "4"]) == 0
+    assert json.loads((run / "vae" / "vae.json").read_text())["object_weight"] == 4
     assert main(["text", *common, "--steps", "2", "--batch", "4"]) == 0
     assert main(["dit", *common, "--steps", "2", "--batch", "2", "--object-weight", "4"]) == 0
     out = tmp_path / "checkpoint"
@@ -287,3 +290,20 @@ def test_a_checkpoint_unpacks_into_a_run_that_trains_on(tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == json.loads((checkpoint / "config.json").read_text())["model"]
     assert config["training"]["dit"]["step"] == 2 and config["training"]["vae"]["unpacked_from"] == str(checkpoint)
+
+
+def test_the_vae_object_weight_counts_errors_on_and_beside_objects_more():
+    objects = torch.zeros(1, 1, 1, 16, 16, dtype=torch.bool)
+    objects[..., 6:9, 6:9] = True  # a 3x3 object
+    weight = object_pixel_weight(objects, 4.0)
+
+    def loss_of_error_at(y: int, x: int) -> float:
+        error = torch.zeros(1, 3, 1, 16, 16)
+        error[..., y, x] = 1.0
+        return float(weighted_mean(error, weight))
+
+    on, ring, outside = loss_of_error_at(7, 7), loss_of_error_at(7, 10), loss_of_error_at(7, 11)
+    assert on == pytest.approx(ring) and on == pytest.approx(5 * outside)
+    # Normalised to mean 1: an error everywhere costs what it costs under the plain mean.
+    everywhere = torch.full((1, 3, 1, 16, 16), 0.5)
+    assert float(weighted_mean(everywhere, weight)) == pytest.approx(float(weighted_mean(everywhere, None)))
