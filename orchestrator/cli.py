@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--guidance if lower)")
     r.add_argument("--refine", type=float, metavar="LEVEL",
                    help="noise level of the refinement pass over the drafted latents, 0 (off) to below 1 "
-                        "(default 0.9)")
+                        "(default 0.75)")
     r.add_argument("--refine-steps", type=int, dest="refine_steps",
                    help="sampling steps of a refinement task (default: the share of --steps the level spans, "
                         "at most 5)")

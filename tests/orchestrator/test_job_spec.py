@@ -83,7 +83,7 @@ def test_refinement_level_and_steps():
 
     default = JobSpec.parse(dict(BASE, steps=8))
     assert default.refine is None and default.refine_level == REFINE_LEVEL
-    assert default.steps_for_refine == 5  # 0.9 of 8 steps, rounded up, is 8: capped at 5
+    assert default.steps_for_refine == 5  # 0.75 of 8 steps, rounded up, is 6: capped at 5
     off = JobSpec.parse(dict(BASE, refine=0))
     assert off.refine_level == 0 and off.steps_for_refine == 1
     assert JobSpec.parse(dict(BASE, steps=4, refine=0.25)).steps_for_refine == 1
