@@ -28,10 +28,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import platform
 import json
 import math
 import os
+import platform
 import random
 import sys
 import time
@@ -405,12 +405,9 @@ class VAETrainer(Trainer):
     def state_path(self) -> Path:
         return self.paths.dir / ("state-decoder.pt" if self.decoder_only else "state.pt")
 
-    def batch(self) -> tuple[torch.Tensor, list[str]]:
-        """A batch of same-sized clips, mostly 9-frame videos (3 latents), some single images; and their captions."""
-        return self.batch_with_objects()[:2]
-
-    def batch_with_objects(self) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-        """:meth:`batch` and the pixels objects cover in it, bool (B, 1, T, H, W)."""
+    def batch(self, objects: bool = False) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        """A batch of same-sized clips, mostly 9-frame videos (3 latents), some single images; their captions;
+        and, with ``objects``, the pixels objects cover in them, bool (B, 1, T, H, W) (else None)."""
         w, h = self.rng.choice(VIDEO_SIZES)
         num_frames = 1 if self.rng.random() < 0.2 else 9
         clips, captions, masks = [], [], []
@@ -421,11 +418,10 @@ class VAETrainer(Trainer):
             frames = range(start, start + num_frames)
             clips.append(to_pixels(render_frames(spec, frames, fps=fps, width=w, height=h)))
             captions.append(caption(spec))
-            masks.append(torch.from_numpy(object_mask(spec, frames, fps=fps, width=w, height=h)))
-        return self.to_device(torch.stack(clips)), captions, self.to_device(torch.stack(masks)[:, None])
-
-    def pixel_weight(self, objects: torch.Tensor) -> torch.Tensor | None:
-        return object_pixel_weight(objects, self.args.object_weight) if self.args.object_weight else None
+            if objects:
+                masks.append(torch.from_numpy(object_mask(spec, frames, fps=fps, width=w, height=h)))
+        return (self.to_device(torch.stack(clips)), captions,
+                self.to_device(torch.stack(masks)[:, None]) if objects else None)
 
     @torch.no_grad()
     def generated_latents(self, mean: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -452,8 +448,8 @@ class VAETrainer(Trainer):
         return estimates.transpose(1, 2) / scale + shift
 
     def loss(self):
-        video, captions, objects = self.batch_with_objects()
-        weight = self.pixel_weight(objects)
+        video, captions, objects = self.batch(objects=bool(self.args.object_weight))
+        weight = object_pixel_weight(objects, self.args.object_weight) if objects is not None else None
         if self.decoder_only:
             self.model.vae.encoder.eval()
         if self.generated and self.rng.random() < self.generated:
@@ -810,17 +806,16 @@ def unpack(checkpoint: Path, run: Path) -> Path:
         raise FileExistsError(f"--run: {run} already holds a run ({(taken or [run / 'model.json'])[0]}); "
                               f"unpack into a new directory")
     meta = json.loads((checkpoint / CONFIG_FILE).read_text())
-    state = load_file(str(checkpoint / WEIGHTS_FILE))
     run.mkdir(parents=True, exist_ok=True)
     for part in PARTS:
         paths = RunPaths(run, part)
         paths.dir.mkdir(parents=True, exist_ok=True)
-        prefix = f"{part}."
-        atomic_save_safetensors({k[len(prefix):]: v.float() if v.is_floating_point() else v
-                                 for k, v in state.items() if k.startswith(prefix)}, paths.weights)
+        atomic_save_safetensors({k: v.float() if v.is_floating_point() else v
+                                 for k, v in warm_start_state(checkpoint, part).items()}, paths.weights)
         record = {**meta.get("training", {}).get(part, {}), "part": part, "unpacked_from": str(checkpoint)}
         if part == "vae":  # the latent normalisation the DiT was trained in
-            record.update(latent_shift=meta["model"]["latent_shift"], latent_scale=meta["model"]["latent_scale"])
+            stats = source_latent_stats(checkpoint)
+            record.update(latent_shift=stats["latent_shift"], latent_scale=stats["latent_scale"])
         paths.meta.write_text(json.dumps(record, indent=2))
     (run / "model.json").write_text(json.dumps(meta["model"], indent=2) + "\n")
     print(f"unpacked {checkpoint} into {run}: {', '.join(PARTS)}")
