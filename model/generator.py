@@ -14,7 +14,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -281,13 +281,18 @@ class Generator:
                steps: int, guidance: float, guidance_rescale: float = 0.0, sampler: str = "euler",
                causal: bool = False, video_seed: int | None = None,
                callback: Callable[[int, int], None] | None = None, use_cache: bool = True,
-               start: torch.Tensor | None = None, start_level: float = 1.0) -> torch.Tensor:
+               start: torch.Tensor | None = None, start_level: float = 1.0,
+               guidance_floor: float = 0.0) -> torch.Tensor:
         """Generate the window's latent frames; returns (n_latent, C, h, w) float32 on the CPU.
 
         Deterministic for (seed, window, observed, prompt, settings) on one device: the initial noise is
         drawn on the CPU from ``torch.Generator().manual_seed(seed)``; with the model's
         ``flow.noise_correlation``, mixed with a field common to the video, drawn from ``video_seed`` (every
         window of one video passes the same; by default ``seed``).
+
+        ``guidance_floor`` limits guidance to an interval of noise levels (Kynkäänniemi et al. 2024, "Applying
+        guidance in a limited interval improves sample and distribution quality"): steps that start below it
+        take the conditional prediction alone, one DiT branch instead of two.
         """
         self.check_window(window, observed)
         step_fn = get_sampler(sampler)
@@ -321,22 +326,28 @@ class Generator:
             order = torch.argsort(obs_times)
             obs_times, obs = obs_times[order], obs[order]
 
+        def branch_text(count: int):
+            return (text.tokens, text.mask, text.pooled) if count == branches else \
+                (text.tokens[:count], text.mask[:count], text.pooled[:count])
+
         def split(outs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
             v = [o.float() for o in outs]
-            return (v[0], v[1]) if branches == 2 else (v[0], v[0])
+            return (v[0], v[1]) if len(v) == 2 else (v[0], v[0])
 
         if obs is not None and use_cache:
             obs_win = FrameInputs(obs, torch.ones(len(obs_times), dtype=torch.bool, device=dev), obs_times.to(dev),
                                   torch.zeros(len(obs_times), device=dev))
-            with self._autocast():
-                cache = self.model.dit.observed_cache([obs_win] * branches, text.tokens, text.mask, text.pooled)
+            caches: dict[int, Any] = {}  # per branch count; the conditional-only one only once guidance stops
 
-            def cond_uncond(xt: torch.Tensor, t: torch.Tensor):
+            def cond_uncond(xt: torch.Tensor, t: torch.Tensor, count: int = branches):
+                if count not in caches:
+                    with self._autocast():
+                        caches[count] = self.model.dit.observed_cache([obs_win] * count, *branch_text(count))
                 win = FrameInputs(xt, torch.zeros(n_lat, dtype=torch.bool, device=dev), lat_times.to(dev),
                                   t.expand(n_lat))
                 with self._autocast():
-                    return split(self._dit_call([win] * branches, text.tokens, text.mask, text.pooled,
-                                                causal=causal, cache=cache))
+                    return split(self._dit_call([win] * count, *branch_text(count), causal=causal,
+                                                cache=caches[count]))
         else:
             all_times = lat_times if obs is None else torch.cat([obs_times, lat_times])
             order = torch.argsort(all_times)
@@ -345,19 +356,21 @@ class Generator:
             is_obs = is_obs[order]
             lat_slots = (~is_obs).nonzero().squeeze(1).to(dev)
 
-            def cond_uncond(xt: torch.Tensor, t: torch.Tensor):
+            def cond_uncond(xt: torch.Tensor, t: torch.Tensor, count: int = branches):
                 frames = xt if obs is None else torch.cat([obs, xt])[order.to(dev)]
                 levels = torch.where(is_obs.to(dev), torch.zeros((), device=dev), t)
                 win = FrameInputs(frames, is_obs.to(dev), all_times[order].to(dev), levels)
                 with self._autocast():
-                    outs = self._dit_call([win] * branches, text.tokens, text.mask, text.pooled, causal=causal)
+                    outs = self._dit_call([win] * count, *branch_text(count), causal=causal)
                 return split([o[lat_slots] for o in outs])
 
-        if branches == 2:
-            model_fn = guided(cond_uncond, guidance, guidance_rescale)
-        else:
-            def model_fn(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return cond_uncond(xt, t)[0]
+        with_guidance = guided(cond_uncond, guidance, guidance_rescale) if branches == 2 else None
+
+        def model_fn(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            # the schedule's levels are computed, so a step meant to sit on the floor may land a hair below it
+            if with_guidance is not None and float(t) >= guidance_floor - 1e-6:
+                return with_guidance(xt, t)
+            return cond_uncond(xt, t, 1)[0]
         if start is None:
             times = time_schedule(steps, self.config.flow.shift, device=dev)
         else:

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--infill-guidance", type=float, dest="infill_guidance",
                    help="guidance of infill tasks, whose frames lie between observed frames (default: 1, or "
                         "--guidance if lower)")
+    r.add_argument("--extension-guidance-floor", type=float, dest="extension_guidance_floor", metavar="LEVEL",
+                   help="noise level below which extension tasks (observed frames on one side only) sample "
+                        "without guidance, 0 to 1 (default 0.92; 0 guides every step)")
     r.add_argument("--refine", type=float, metavar="LEVEL",
                    help="noise level of the refinement pass over the drafted latents, 0 (off) to below 1 "
                         "(default 0.75)")
@@ -109,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _spec_overrides(args) -> dict:
     overrides = {k: getattr(args, k) for k in (
         "prompt", "output", "seconds", "fps", "width", "height", "seed", "steps", "guidance", "guidance_rescale",
-        "infill_guidance", "refine", "refine_steps", "sampler", "schedule", "window", "model", "codec", "quality",
+        "infill_guidance", "extension_guidance_floor", "refine", "refine_steps", "sampler", "schedule", "window", "model", "codec", "quality",
         "store", "loop")}
     if args.image:
         from orchestrator.spec import ImageInput

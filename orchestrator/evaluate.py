@@ -688,6 +688,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="guidance rescale 0..1 (default: the job spec's)")
     parser.add_argument("--infill-guidance", type=float, default=None, dest="infill_guidance",
                         help="guidance of infill tasks (default: the job spec's)")
+    parser.add_argument("--extension-guidance-floor", type=float, default=None, dest="extension_guidance_floor",
+                        help="noise level below which extension tasks sample without guidance (default: the job "
+                             "spec's)")
     parser.add_argument("--refine", type=float, default=None,
                         help="noise level of the refinement pass, 0 turns it off (default: the job spec's)")
     parser.add_argument("--refine-steps", type=int, default=None, dest="refine_steps",
@@ -730,7 +733,7 @@ def _job_spec(args: argparse.Namespace, prompt: str, schedule: str, output: Path
     fields = {"prompt": prompt, "seconds": args.seconds, "fps": args.fps, "width": args.width,
               "height": args.height, "steps": args.steps, "guidance": args.guidance,
               "guidance_rescale": args.guidance_rescale, "infill_guidance": args.infill_guidance,
-              "refine": args.refine, "refine_steps": args.refine_steps, "seed": args.seed, "schedule": schedule,
+              "extension_guidance_floor": args.extension_guidance_floor, "refine": args.refine, "refine_steps": args.refine_steps, "seed": args.seed, "schedule": schedule,
               "model": args.model, "output": str(output)}
     return JobSpec.parse({k: v for k, v in fields.items() if v is not None})
 
@@ -937,7 +940,9 @@ def run_evaluation(args: argparse.Namespace) -> dict:
                      "model": args.model, "width": width, "height": height, "fps": fps,
                      "steps": first_job.steps, "guidance": first_job.guidance,
                      "guidance_rescale": first_job.guidance_rescale,
-                     "infill_guidance": first_job.guidance_for_infill, "refine": first_job.refine_level,
+                     "infill_guidance": first_job.guidance_for_infill,
+                     "extension_guidance_floor": first_job.guidance_floor_for_extension,
+                     "refine": first_job.refine_level,
                      "refine_steps": first_job.steps_for_refine,
                      "workers": args.workers,
                      "engine": args.engine, "seed": args.seed,

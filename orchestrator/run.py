@@ -272,14 +272,17 @@ def write_conditioning(inputs: list[dict], job: dict) -> dict:
 LOSSLESS_SEGMENT = {"codec": "h264", "quality": 0}
 
 
-def sampling_settings(job: dict, infill: bool = False, refine: bool = False) -> dict:
+def sampling_settings(job: dict, infill: bool = False, refine: bool = False, extension: bool = False) -> dict:
     """The job's sampler settings as ``Generator.sample`` takes them, for an infill task (see
-    ``plan.fills_gap``), a refinement task or another (jobs stored before a setting existed get its default,
-    so they resume as they started). A refinement task starts from its drafts at ``refine_level`` with
-    ``refine_steps`` steps and samples at the infill guidance: its frames are already there, on both sides."""
+    ``plan.fills_gap``), a refinement task, an extension task (observed frames on one side only) or another
+    (jobs stored before a setting existed get its default, so they resume as they started). A refinement task
+    starts from its drafts at ``refine_level`` with ``refine_steps`` steps and samples at the infill guidance: its
+    frames are already there, on both sides. An extension task is guided only above its guidance floor."""
     guidance = job.get("infill_guidance", job["guidance"]) if infill or refine else job["guidance"]
     settings = {"steps": job["steps"], "guidance": guidance, "sampler": job["sampler"],
                 "guidance_rescale": job.get("guidance_rescale", 0.0)}
+    if extension and not (infill or refine):
+        settings["guidance_floor"] = job.get("extension_guidance_floor", 0.0)
     if refine:
         settings.update(steps=job["refine_steps"], start_level=job["refine_level"])
     return settings
@@ -300,7 +303,8 @@ def generate_latents(task: dict, job: dict, *dependencies) -> dict:
                       reused=True)
     window = Window(observed_times=tuple(task["observed"]), latent_times=tuple(task["latent"]),
                     height=job["latent_height"], width=job["latent_width"])
-    settings = sampling_settings(job, infill=fills_gap(task["observed"], task["latent"]), refine=refine)
+    settings = sampling_settings(job, infill=fills_gap(task["observed"], task["latent"]), refine=refine,
+                                 extension=bool(task["observed"]))
     extra = {}
     if refine:  # observe refined frames (given ones are never refined) and start from this task's drafts
         observed = store.read_video_latents(task["observed"], given=job["given"], refined=True)
@@ -314,6 +318,7 @@ def generate_latents(task: dict, job: dict, *dependencies) -> dict:
     checksums = store.write_latents(task["latent"], latents, array=array)
     store.write_task_marker(task["task_id"], checksums, level=task["level"], run_id=job["run_id"],
                             guidance=settings["guidance"], array=array,
+                            **({"guidance_floor": settings["guidance_floor"]} if "guidance_floor" in settings else {}),
                             **({"start_level": settings["start_level"]} if refine else {}),
                             pid=os.getpid(), sample_seconds=computed - started,
                             seconds=time.time() - started)
@@ -803,6 +808,7 @@ def _render_locked(spec: JobSpec, model_ref: str, show: ProgressReporter, *, sch
             "run_id": run_id, "store": store.url, "store_created": store.attrs["created"],
             "prompt": spec.prompt, "seed": spec.seed, "steps": spec.steps, "guidance": spec.guidance,
             "guidance_rescale": spec.guidance_rescale, "infill_guidance": spec.guidance_for_infill,
+            "extension_guidance_floor": spec.guidance_floor_for_extension,
             "refine_level": spec.refine_level, "refine_steps": spec.steps_for_refine, "refined": plan.refines,
             "given": list(plan.given), "lossless_segments": _lossless_segments(store, plan),
             "sampler": spec.sampler, "fps": spec.fps, "width": spec.width, "height": spec.height,

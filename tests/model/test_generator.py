@@ -11,6 +11,7 @@ import torch
 
 from model import CheckpointError, Generator, Window, get_preset, preset_names
 from model.dit import VideoDiT
+from model.flow import time_schedule
 from model.generator import CONFIG_FILE, WEIGHTS_FILE
 from model.text import register_configs
 from model_test_helpers import latents, tiny_generator
@@ -177,6 +178,35 @@ def test_sampling_from_a_start_keeps_it_at_a_low_level_and_checks_it(tiny_gen):
         tiny_gen.sample(window, observed, "x", start=start[:2], start_level=0.5, **kw)
     with pytest.raises(ValueError, match="start_level: 0 must be in"):
         tiny_gen.sample(window, observed, "x", start=start, start_level=0, **kw)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_guidance_floor_guides_only_the_steps_above_it(tiny_gen, use_cache, monkeypatch):
+    window = Window(observed_times=(0, 1), latent_times=(2, 3), height=8, width=8)
+    observed = latents(2, 4, 8, 8, seed=1)
+    kw = dict(seed=7, steps=4, use_cache=use_cache)
+    guided = tiny_gen.sample(window, observed, "a red circle", guidance=4.0, **kw)
+    unguided = tiny_gen.sample(window, observed, "a red circle", guidance=1.0, **kw)
+    assert torch.equal(tiny_gen.sample(window, observed, "a red circle", guidance=4.0, guidance_floor=0.0, **kw),
+                       guided)
+    # a floor above every level leaves the conditional prediction alone: sampling at guidance 1
+    above = tiny_gen.sample(window, observed, "a red circle", guidance=4.0, guidance_floor=1.01, **kw)
+    torch.testing.assert_close(above, unguided, rtol=1e-4, atol=1e-4)
+
+    # between: the steps from the levels above the floor take both branches, the others one
+    batches = []
+    dit_call = tiny_gen._dit_call
+
+    def counting(windows, *args, **kwargs):
+        batches.append(len(windows))
+        return dit_call(windows, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_gen, "_dit_call", counting)
+    times = time_schedule(4, tiny_gen.config.flow.shift)[:-1]
+    floor = float(times[1] + times[2]) / 2
+    between = tiny_gen.sample(window, observed, "a red circle", guidance=4.0, guidance_floor=floor, **kw)
+    assert batches == [2, 2, 1, 1]
+    assert not torch.allclose(between, guided, atol=1e-4) and not torch.allclose(between, unguided, atol=1e-4)
 
 
 def dit_parameters(name: str) -> int:

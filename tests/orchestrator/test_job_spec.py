@@ -40,6 +40,8 @@ def test_defaults_and_derived_values():
         ("guidance_rescale", 1.5, "1"),
         ("infill_guidance", -0.5, "0"),
         ("infill_guidance", 31, "30"),
+        ("extension_guidance_floor", -0.1, "0"),
+        ("extension_guidance_floor", 1.5, "1"),
         ("refine", -0.1, "0"),
         ("refine", 1.0, "less than 1"),
         ("refine_steps", 0, "1"),
@@ -75,6 +77,27 @@ def test_infill_tasks_take_the_infill_guidance():
     # A job stored before the setting existed resumes with one guidance for every task, as it started.
     older = {"steps": 8, "guidance": 4.0, "sampler": "euler"}
     assert sampling_settings(older, infill=True)["guidance"] == 4.0
+
+
+def test_extension_tasks_are_guided_only_above_their_floor():
+    from orchestrator.run import sampling_settings
+    from orchestrator.spec import EXTENSION_GUIDANCE_FLOOR
+
+    default = JobSpec.parse(BASE)
+    assert default.extension_guidance_floor is None
+    assert default.guidance_floor_for_extension == EXTENSION_GUIDANCE_FLOOR
+    assert JobSpec.parse(dict(BASE, extension_guidance_floor=0)).guidance_floor_for_extension == 0.0
+
+    job = {"steps": 8, "guidance": 4.0, "infill_guidance": 1.5, "sampler": "euler", "extension_guidance_floor": 0.9,
+           "refine_level": 0.6, "refine_steps": 5}
+    extending = sampling_settings(job, extension=True)
+    assert (extending["guidance"], extending["guidance_floor"]) == (4.0, 0.9)
+    # keyframes (nothing observed), infill and refinement tasks are guided at every step of theirs
+    for kind in ({}, {"infill": True, "extension": True}, {"refine": True, "extension": True}):
+        assert "guidance_floor" not in sampling_settings(job, **kind), kind
+    # A job stored before the setting existed keeps guiding every step of its extension tasks.
+    older = {"steps": 8, "guidance": 4.0, "sampler": "euler"}
+    assert sampling_settings(older, extension=True)["guidance_floor"] == 0.0
 
 
 def test_refinement_level_and_steps():

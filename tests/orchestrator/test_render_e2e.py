@@ -24,6 +24,12 @@ def latents_of(store_path):
     return np.asarray(JobStore.open(store_path, read_only=True).latents[:])
 
 
+def floor_of(spec, task):
+    """The guidance floor a task's marker records: extension tasks' (observed frames on one side only)."""
+    extension = task["observed"] and not task.get("refine") and not fills_gap(task["observed"], task["latent"])
+    return spec.guidance_floor_for_extension if extension else None
+
+
 def test_render_end_to_end_then_nothing_to_redo(render_cluster, tmp_path):
     spec = tiny_spec(tmp_path)
     events = []
@@ -65,6 +71,8 @@ def test_render_end_to_end_then_nothing_to_redo(render_cluster, tmp_path):
         infill = task.get("refine") or fills_gap(task["observed"], task["latent"])
         expected = spec.guidance_for_infill if infill else spec.guidance
         assert store.task_marker(task["task_id"])["guidance"] == expected, task["task_id"]
+
+        assert store.task_marker(task["task_id"]).get("guidance_floor") == floor_of(spec, task), task["task_id"]
 
     # Rendering the same spec again finds everything done in the store and submits nothing.
     digest = JobStore.open(result.store).output_record()["sha256"]
@@ -297,3 +305,14 @@ def test_segments_are_lossless_and_a_store_with_older_segments_finishes_by_strea
     assert resumed.segments_skipped == 1 and resumed.segments_run == len(segments) - 1
     assert not any(store.segment_marker(s)["lossless"] for s in segments[1:])
     assert media.probe(spec.output)["frames"] == 16
+
+
+def test_autoregressive_extension_tasks_are_guided_only_above_their_floor(render_cluster, tmp_path):
+    spec = tiny_spec(tmp_path, name="ar", seconds=4, schedule="autoregressive", extension_guidance_floor=0.5)
+    result = render(spec, scheduler=render_cluster.scheduler_address, engine="eager")
+    store = JobStore.open(result.store)
+    tasks = store.plan["tasks"]
+    floors = {task["task_id"]: store.task_marker(task["task_id"]).get("guidance_floor") for task in tasks}
+    assert floors == {task["task_id"]: floor_of(spec, task) for task in tasks}
+    assert 0.5 in floors.values() and None in floors.values()  # the first window has nothing observed
+    assert media.probe(spec.output)["frames"] == spec.num_frames
