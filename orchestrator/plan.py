@@ -24,18 +24,24 @@ Refinement
 ----------
 With ``refine=True`` (any scheme), two more levels follow generation. Every latent frame a task generated (its
 "draft") is noised again to a moderate level and denoised once more, in windows laid over the video without
-regard to where generation tasks began and ended: first every other block of ``max_window - 2 * context``
-frames on its own, then the blocks between, each observing ``context`` refined frames on either side. Both
-sides of a generation task's border then come out of one window, so its seam is denoised away; what remains
-are the borders between refinement blocks, where both sides started from the same drafts (MODEL_CARD.md,
-"Refinement"). Refinement tasks write a second array of the store, so the drafts stay intact and a killed
-refinement resumes from the same drafts.
+regard to where generation tasks began and ended. Pass 0 refines every other block of ``max_window`` frames on
+its own. Pass 1 refines the blocks between (``max_window - 4 * context`` frames each) and, with them, the
+``context`` frames at either end of its neighbouring pass-0 blocks, which it takes over: it starts those from
+what pass 0 made of them rather than from their drafts, and observes the ``context`` pass-0 frames beyond them.
+Both sides of a generation task's border then come out of one window, so its seam is denoised away; the borders
+left are where a pass-1 window meets the pass-0 frames it observed, and there its first frame started from the
+pass-0 frame's own neighbour (MODEL_CARD.md, "Refinement"). Refinement tasks write a second array of the
+store, so the drafts stay intact and a killed refinement resumes from the same drafts.
+
+Plans stored before pass 1 took frames over (``refine_layout="abutting"``: blocks of ``max_window - 2 *
+context`` frames in both passes, pass 1 observing ``context`` refined frames on either side) resume as made.
 
 Latent frame ``i`` covers video frames ``4i-3 .. 4i`` (latent 0 is video frame 0 alone), which fixes the video
 frames of each decode segment.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections.abc import Iterable, Sequence
@@ -43,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEMES = ("parallel", "autoregressive", "long-range", "hierarchy-2", "hierarchy-3")
+REFINE_LAYOUTS = ("overlapping", "abutting")  # the first is what new plans use
 FDM_SCHEMES = SCHEMES[1:]
 DEFAULT_SCHEME = "parallel"
 PLAN_FORMAT = 1
@@ -76,10 +83,22 @@ class GenerationTask:
     depends_on: tuple[str, ...]  # ids of the tasks that generate its observed frames
     causal: bool = False         # sample with the model's causal mode (autoregressive streaming)
     refine: bool = False         # re-denoise the drafts of ``latent`` (refinement pass), not sample them anew
+    # Refinement pass 1 only: frames of ``latent`` that pass 0 refined first; they start from those refined
+    # frames, not from their drafts.
+    takes_over: tuple[int, ...] = ()
+    # Refinement pass 0 only: frames of ``latent`` a pass-1 task refines again afterwards, so the frames this
+    # task leaves in the store, and by which its marker is checked, are the others (``kept``).
+    handed_over: tuple[int, ...] = ()
 
     @property
     def window(self) -> int:
         return len(self.observed) + len(self.latent)
+
+    @property
+    def kept(self) -> tuple[int, ...]:
+        """The frames of ``latent`` that still hold this task's output when the plan has run."""
+        handed = set(self.handed_over)
+        return tuple(t for t in self.latent if t not in handed)
 
 
 @dataclass(frozen=True)
@@ -153,7 +172,9 @@ class Plan:
             # (stores compare the plan they hold with the one a render makes).
             "tasks": [
                 {"task_id": t.task_id, "level": t.level, "observed": list(t.observed), "latent": list(t.latent),
-                 "depends_on": list(t.depends_on), "causal": t.causal, **({"refine": True} if t.refine else {})}
+                 "depends_on": list(t.depends_on), "causal": t.causal, **({"refine": True} if t.refine else {}),
+                 **({"takes_over": list(t.takes_over)} if t.takes_over else {}),
+                 **({"handed_over": list(t.handed_over)} if t.handed_over else {})}
                 for t in self.tasks
             ],
             "segments": [
@@ -176,7 +197,8 @@ class Plan:
                 given=tuple(d["given"]),
                 tasks=tuple(
                     GenerationTask(t["task_id"], t["level"], tuple(t["observed"]), tuple(t["latent"]),
-                                   tuple(t["depends_on"]), t["causal"], bool(t.get("refine", False)))
+                                   tuple(t["depends_on"]), t["causal"], bool(t.get("refine", False)),
+                                   tuple(t.get("takes_over", ())), tuple(t.get("handed_over", ())))
                     for t in d["tasks"]
                 ),
                 segments=tuple(
@@ -216,7 +238,7 @@ def fills_gap(observed: Iterable[int], latent: Iterable[int]) -> bool:
 
 def make_plan(scheme: str, num_latent_frames: int, max_window: int, *, given: Iterable[int] = (),
               num_frames: int, decode_context: int, segment_latents: int, refine: bool = False,
-              **scheme_options: Any) -> Plan:
+              refine_layout: str = REFINE_LAYOUTS[0], **scheme_options: Any) -> Plan:
     """Plan the generation of a video of ``num_latent_frames`` latent frames (``num_frames`` video frames).
 
     ``given`` are latent frames supplied by conditioning inputs (an image, a clip, both ends of a bridge); they
@@ -229,7 +251,8 @@ def make_plan(scheme: str, num_latent_frames: int, max_window: int, *, given: It
       at least 2 for the hierarchies); ``causal`` (autoregressive, long-range) — sample with the model's causal
       mode, since every observed frame precedes the latents (default False).
 
-    ``refine`` appends the two levels of refinement tasks (see the module docstring).
+    ``refine`` appends the two levels of refinement tasks, laid out as ``refine_layout`` says (see the module
+    docstring; "abutting" only to remake plans stored before "overlapping" existed).
 
     Raises PlanError (a ValueError) naming the field, its value and the limit for any input out of range.
     """
@@ -244,6 +267,8 @@ def make_plan(scheme: str, num_latent_frames: int, max_window: int, *, given: It
                         f"a video of num_frames={num_frames} has {expected_latents} latent frames")
     _require_int("decode_context", decode_context, 0)
     _require_int("segment_latents", segment_latents, 1)
+    if refine_layout not in REFINE_LAYOUTS:
+        raise PlanError("refine_layout", refine_layout, f"must be one of {', '.join(REFINE_LAYOUTS)}")
     given_frames = _check_given(given, num_latent_frames)
     unknown = sorted(set(scheme_options) - set(SCHEME_OPTIONS[scheme]))
     if unknown:
@@ -257,7 +282,7 @@ def make_plan(scheme: str, num_latent_frames: int, max_window: int, *, given: It
         options = _fdm_options(scheme, max_window, scheme_options)
         tasks = _fdm_tasks(scheme, num_latent_frames, max_window, given_frames, **options)
     if refine:
-        tasks = list(tasks) + _refinement_tasks(tasks, num_latent_frames, max_window, given_frames)
+        tasks = list(tasks) + _refinement_tasks(tasks, num_latent_frames, max_window, given_frames, refine_layout)
     segments = _decode_segments(tasks, num_latent_frames, num_frames, decode_context, segment_latents)
     return Plan(scheme, num_latent_frames, max_window, given_frames, tuple(tasks), segments, options)
 
@@ -319,35 +344,66 @@ def _parallel_tasks(num_latent: int, window: int, given: tuple[int, ...], *, con
     return tasks
 
 
-def refinement_context(max_window: int) -> int:
-    """Refined frames a refinement block observes on either side: two, or fewer in a small window, so that the
-    block (``max_window - 2 * context`` frames) stays at least as long as the context and so the context of an
-    odd block lies within its even neighbours."""
-    return max(0, min(2, (max_window - 1) // 3))
+def refinement_context(max_window: int, layout: str = REFINE_LAYOUTS[0]) -> int:
+    """Frames a pass-1 refinement window reaches into each neighbouring pass-0 block, for observing them (and,
+    overlapping, for taking them over as well): two, or fewer in a small window, so that a pass-1 block keeps at
+    least one frame of its own (abutting: at least as many as the context, so that the context of a pass-1
+    block lies within its pass-0 neighbours)."""
+    reach = 5 if layout == "overlapping" else 3
+    return max(0, min(2, (max_window - 1) // reach))
 
 
-def _refinement_tasks(tasks: Sequence[GenerationTask], num_latent: int, window: int,
-                      given: tuple[int, ...]) -> list[GenerationTask]:
+def _refinement_tasks(tasks: Sequence[GenerationTask], num_latent: int, window: int, given: tuple[int, ...],
+                      layout: str = REFINE_LAYOUTS[0]) -> list[GenerationTask]:
     """Two levels of refinement over the generated frames (module docstring, "Refinement").
 
-    Blocks of ``window - 2 * context`` frames tile the video. Pass 0 refines the even blocks, each alone; pass 1
-    the odd blocks, each observing the ``context`` frames on either side, which pass 0 refined (or which were
-    given). Given frames are never refined: a block containing one observes it instead.
+    Pass-0 and pass-1 blocks alternate over the video, pass 0 first. Pass 0 refines its blocks, each alone; pass
+    1 refines each of its blocks observing the ``context`` frames on either side, which pass 0 refined (or which
+    were given) and, overlapping, also refines the ``context`` frames between those and the block, taking them
+    over from pass 0. Given frames are never refined: a block containing one observes it instead.
     """
     given_set = set(given)
     first_level = 1 + max((task.level for task in tasks), default=-1)
-    context = refinement_context(window)
-    block = window - 2 * context
+    context = refinement_context(window, layout)
+    overlap = context if layout == "overlapping" else 0
+    # a pass-0 block is alone, so it may fill the window; a pass-1 window also holds its context and overlap
+    lengths = (window, window - 2 * (context + overlap)) if overlap else (window - 2 * context,) * 2
     drafted = {t: task.task_id for task in tasks for t in task.latent}
+
+    def pass0_window(start: int, stop: int) -> int:  # the block, and the given frames just outside it it observes
+        return stop - start + sum(1 for t in given_set if start - context <= t < start or stop <= t < stop + context)
+
+    blocks, start = [], 0
+    while start < num_latent:
+        stop = min(start + lengths[len(blocks) % 2], num_latent)
+        while overlap and len(blocks) % 2 == 0 and stop - start > 1 and pass0_window(start, stop) > window:
+            stop -= 1
+        blocks.append((start, stop))
+        start = stop
+    if overlap and len(blocks) % 2 and len(blocks) > 1 and blocks[-1][1] - blocks[-1][0] <= overlap + context:
+        # a last pass-0 block this short would be taken over almost whole; the pass-1 window before it, with
+        # nothing to observe on its right, has room for it instead
+        (start, _), (_, stop) = blocks[-2:]
+        blocks[-2:] = [(start, stop)]
+
+    def takeable(number: int) -> bool:
+        """Whether pass 1 may take over the ends of pass-0 block ``number``: only if it keeps frames besides."""
+        if not overlap or not 0 <= number < len(blocks):
+            return False
+        start, stop = blocks[number]
+        lo = start + (overlap if number > 0 else 0)
+        hi = stop - (overlap if number + 1 < len(blocks) else 0)
+        return any(t not in given_set for t in range(lo, hi))
+
     refined: dict[int, str] = {}
     out: list[GenerationTask] = []
-    starts = list(range(0, num_latent, block))
     for refinement_pass in (0, 1):
         index, passed = 0, []
-        for number, start in enumerate(starts):
-            if number % 2 != refinement_pass:
-                continue
-            stop = min(start + block, num_latent)
+        for number in range(refinement_pass, len(blocks), 2):
+            start, stop = blocks[number]
+            if refinement_pass:  # reach into the pass-0 neighbours that can spare their ends
+                start -= overlap if takeable(number - 1) else 0
+                stop += overlap if takeable(number + 1) else 0
             latent = tuple(t for t in range(start, stop) if t not in given_set)
             if not latent:
                 continue
@@ -355,15 +411,24 @@ def _refinement_tasks(tasks: Sequence[GenerationTask], num_latent: int, window: 
             if refinement_pass == 0:  # alone: only given frames, which never change, are observed
                 observed = tuple(t for t in around if t in given_set)
             else:
-                observed = tuple(t for t in around if t in given_set or t in refined)
-            task = GenerationTask(f"R{refinement_pass}-T{index:03d}", first_level + refinement_pass, observed,
-                                  latent, _producers(latent, drafted) + _producers(observed, refined), refine=True)
-            passed.append(task)
+                observed = tuple(t for t in around if (t in given_set or t in refined) and t not in latent)
+            takes_over = tuple(t for t in latent if t in refined)
+            depends = _producers(latent, drafted) + _producers(takes_over + observed, refined)
+            passed.append(GenerationTask(f"R{refinement_pass}-T{index:03d}", first_level + refinement_pass,
+                                         observed, latent, tuple(dict.fromkeys(depends)), refine=True,
+                                         takes_over=takes_over))
             index += 1
         # a pass observes only frames of the passes before it, so its own frames count as refined after it
         refined.update((t, task.task_id) for task in passed for t in task.latent)
         out.extend(passed)
-    return out
+    # pass-0 tasks learn which of their frames pass 1 takes over (their markers are checked on the rest)
+    first_owner = {t: task.task_id for task in out if task.level == first_level for t in task.latent}
+    handed: dict[str, set[int]] = {}
+    for task in out:
+        for t in task.takes_over:
+            handed.setdefault(first_owner[t], set()).add(t)
+    return [dataclasses.replace(task, handed_over=tuple(sorted(handed[task.task_id])))
+            if task.task_id in handed else task for task in out]
 
 
 def _place_keyframes(num_latent: int, given: tuple[int, ...], count: int) -> list[int]:

@@ -297,7 +297,8 @@ def generate_latents(task: dict, job: dict, *dependencies) -> dict:
     gen, store = get_generator(job["model"], job["engine"]), _worker_store(job)
     refine = bool(task.get("refine"))
     array = task_array(refine)
-    if store.task_done(task["task_id"], task["latent"], array):
+    handed = set(task.get("handed_over", ()))
+    if store.task_done(task["task_id"], task["latent"], array, [t for t in task["latent"] if t not in handed]):
         # Dask reruns finished tasks whose results died with a worker; the store already holds this one.
         return _stamp("generate", task["task_id"], started, level=task["level"], frames=len(task["latent"]),
                       reused=True)
@@ -308,7 +309,7 @@ def generate_latents(task: dict, job: dict, *dependencies) -> dict:
     extra = {}
     if refine:  # observe refined frames (given ones are never refined) and start from this task's drafts
         observed = store.read_video_latents(task["observed"], given=job["given"], refined=True)
-        extra["start"] = _to_torch(store.read_latents(task["latent"]))
+        extra["start"] = _to_torch(_refinement_start(store, task))
     else:
         observed = store.read_latents(task["observed"])
     latents = gen.sample(window, _to_torch(observed) if len(observed) else None, job["prompt"],
@@ -324,6 +325,17 @@ def generate_latents(task: dict, job: dict, *dependencies) -> dict:
                             seconds=time.time() - started)
     return _stamp("generate", task["task_id"], started, level=task["level"], frames=len(task["latent"]),
                   sample_seconds=computed - started)
+
+
+def _refinement_start(store, task: dict):
+    """What a refinement task re-noises: its drafts, except the frames it takes over from an earlier pass,
+    which start from that pass's refined frames. (A task killed while writing them starts, when it runs again,
+    from what it had written: still refined frames, though not exactly what the first run started from.)"""
+    start = store.read_latents(task["latent"])
+    taken = [i for i, t in enumerate(task["latent"]) if t in set(task.get("takes_over", ()))]
+    if taken:
+        start[taken] = store.read_latents([task["latent"][i] for i in taken], array="refined")
+    return start
 
 
 def decode_segment(segment: dict, job: dict, *dependencies) -> dict:
@@ -614,7 +626,8 @@ def _describe_error(error: BaseException | None) -> str:
 
 def _task_dict(task) -> dict:
     return {"task_id": task.task_id, "level": task.level, "observed": list(task.observed),
-            "latent": list(task.latent), "causal": bool(task.causal), "refine": bool(task.refine)}
+            "latent": list(task.latent), "causal": bool(task.causal), "refine": bool(task.refine),
+            "takes_over": list(task.takes_over), "handed_over": list(task.handed_over)}
 
 
 # ---------------------------------------------------------------------------------------------- render
@@ -657,17 +670,19 @@ def _clip_frame_counts(spec: JobSpec) -> dict[str, int]:
 
 
 def plan_job(spec: JobSpec, num_latent_frames: int, window: int, given: tuple[int, ...], decode_context: int,
-             refine: bool | None = None):
+             refine: bool | None = None, refine_layout: str | None = None):
     """The job's plan. A loop plans one extra latent frame (the copy of frame 0 that follows the last
     frame); its frames are never decoded, so the segments stop at the video's last latent frame.
-    ``refine`` (default: whether the spec has a refinement level) appends the refinement pass."""
-    from orchestrator.plan import make_plan
+    ``refine`` (default: whether the spec has a refinement level) appends the refinement pass, laid out as
+    ``refine_layout`` says (default: as new plans are, see ``orchestrator.plan``)."""
+    from orchestrator.plan import REFINE_LAYOUTS, make_plan
 
     video_latents = 1 + math.ceil((spec.num_frames - 1) / 4)
     extra = num_latent_frames - video_latents
     refine = spec.refine_level > 0 if refine is None else refine
     plan = make_plan(spec.schedule, num_latent_frames, window, given=given, num_frames=spec.num_frames + 4 * extra,
-                     decode_context=decode_context, segment_latents=segment_latents_for(spec.fps), refine=refine)
+                     decode_context=decode_context, segment_latents=segment_latents_for(spec.fps), refine=refine,
+                     refine_layout=refine_layout or REFINE_LAYOUTS[0])
     if not extra:
         return plan
     segments = tuple(
@@ -676,6 +691,26 @@ def plan_job(spec: JobSpec, num_latent_frames: int, window: int, given: tuple[in
         for s in plan.segments if s.latent_start < video_latents
     )
     return dataclasses.replace(plan, segments=segments)
+
+
+def _plan_as_stored(store_url: str, plan, *make_args):
+    """``plan``, or the same job planned with the refinement layout of its store, where the store at
+    ``store_url`` holds that one: a job stored before pass 1 took frames over resumes as it was planned."""
+    from orchestrator.plan import REFINE_LAYOUTS
+
+    if not plan.refines or not is_store(store_url):
+        return plan
+    try:
+        stored = JobStore.open(store_url, read_only=True).plan
+    except (StoreError, KeyError):
+        return plan
+    if stored == plan.to_dict():
+        return plan
+    for layout in REFINE_LAYOUTS[1:]:
+        earlier = plan_job(*make_args, refine=True, refine_layout=layout)
+        if stored == earlier.to_dict():
+            return earlier
+    return plan  # a different job: opening the store reports how it differs
 
 
 def _predates_refinement(store_url: str) -> bool:
@@ -787,7 +822,10 @@ def _render_locked(spec: JobSpec, model_ref: str, show: ProgressReporter, *, sch
                               f"the model takes at most {facts['max_window']} frames per window")])
         conditioning, given, allocated = conditioning_layout(spec, facts["num_latent_frames"], clip_frames)
         refine = spec.refine_level > 0 and not (not force and _predates_refinement(spec.store_path))
-        plan = plan_job(spec, allocated, window, given, facts["decode_context"], refine=refine)
+        plan_args = (spec, allocated, window, given, facts["decode_context"])
+        plan = plan_job(*plan_args, refine=refine)
+        if not force:
+            plan = _plan_as_stored(spec.store_path, plan, *plan_args)
         plan_dict = plan.to_dict()
         spec_dict = spec.model_dump(mode="json")
         spec_dict["store"] = spec.store_path

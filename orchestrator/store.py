@@ -382,9 +382,12 @@ class JobStore:
     def task_marker(self, task_id: str) -> dict | None:
         return self._read_node(f"tasks/{task_id}")
 
-    def task_done(self, task_id: str, latent: Iterable[int] | None = None, array: str | None = None) -> bool:
+    def task_done(self, task_id: str, latent: Iterable[int] | None = None, array: str | None = None,
+                  kept: Iterable[int] | None = None) -> bool:
         """True only if the marker parses, covers `latent` (when given), names `array` (when given) as the one
-        the task wrote (refinement tasks write `refined`) and every checksum matches the frame there."""
+        the task wrote (refinement tasks write `refined`) and every checksum matches the frame there, or, with
+        `kept`, those of the frames it names: the others a later task of the plan writes again (refinement pass
+        1 takes over frames at the ends of pass-0 blocks)."""
         marker = self.task_marker(task_id)
         if marker is None or not isinstance(marker.get("checksums"), dict):
             return False
@@ -394,12 +397,19 @@ class JobStore:
             return False
         if latent is not None and set(checksums) != {str(i) for i in latent}:
             return False
+        if kept is not None:
+            kept = {str(int(i)) for i in kept}
+            if not kept <= set(checksums):
+                return False
+            checksums = {i: digest for i, digest in checksums.items() if i in kept}
         return all(self._frame_checksum_or_none(int(i), written) == digest for i, digest in checksums.items())
 
     def done_tasks(self, tasks: Iterable) -> set[str]:
-        """Ids of the given generation tasks (objects with .task_id, .latent and .refine) whose markers verify."""
+        """Ids of the given generation tasks (objects with .task_id, .latent, .refine and .kept) whose markers
+        verify."""
         return {task.task_id for task in tasks
-                if self.task_done(task.task_id, task.latent, task_array(getattr(task, "refine", False)))}
+                if self.task_done(task.task_id, task.latent, task_array(getattr(task, "refine", False)),
+                                  getattr(task, "kept", None))}
 
     # -- conditioning inputs (the plan's `given` frames) ---------------------------------------------------------
 

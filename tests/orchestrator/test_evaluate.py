@@ -208,9 +208,10 @@ def test_plan_boundaries_follow_tasks_and_segments():
     refined = make_plan("autoregressive", num_latent, 8, num_frames=num_frames, decode_context=2,
                         segment_latents=3, refine=True)
     with_refinement = ev.plan_boundaries(refined, num_frames)
-    # refinement blocks of 8 - 2 * 2 = 4 latent frames start at latents 4, 8, ...: video frames 13, 29, ...
+    # pass-0 blocks of 8 latent frames at 0, 12, 24, 36, pass-1 blocks of 8 - 4 * 1 at 8, 20, 32, each taking
+    # over 1 frame either side: the video's latents come from pass 1 over [7, 13), [19, 25), [31, 37)
     assert with_refinement["task"] == expected
-    assert with_refinement["refine"] == [4 * i - 3 for i in range(4, num_latent, 4)]
+    assert with_refinement["refine"] == [4 * i - 3 for i in (7, 13, 19, 25, 31, 37)]
 
 
 def test_targets_are_checked_per_schedule():

@@ -299,3 +299,25 @@ def test_a_refining_plan_gets_a_refined_array_beside_the_drafts(tmp_path):
     np.testing.assert_array_equal(video[0], drafts[0].astype(np.float16))
     np.testing.assert_array_equal(video[1:], better[1:].astype(np.float16))
     np.testing.assert_array_equal(store.read_video_latents(range(6)), drafts.astype(np.float16))
+
+
+def test_a_task_whose_frames_a_later_task_takes_over_is_checked_on_the_frames_it_kept(tmp_path):
+    """Refinement pass 1 rewrites the ends of pass-0 blocks: the pass-0 task stays done on the frames it keeps,
+    and only those."""
+    from orchestrator.plan import GenerationTask
+
+    store = JobStore.open_for(str(tmp_path / "job.zarr"), spec=SPEC, content=CONTENT, plan=REFINING_PLAN,
+                              model=MODEL, latent_shape=SHAPE)
+    checksums = store.write_latents(range(1, 6), frames(5, seed=3)[:5], array="refined")
+    store.write_task_marker("R0-T000", checksums, array="refined")
+    store.write_latents([4, 5], frames(2, seed=4), array="refined")  # what pass 1 did to frames 4 and 5
+    pass0 = GenerationTask("R0-T000", 1, (), (1, 2, 3, 4, 5), (), refine=True, handed_over=(4, 5))
+    assert pass0.kept == (1, 2, 3)
+    assert not store.task_done("R0-T000", range(1, 6), "refined")
+    assert store.task_done("R0-T000", range(1, 6), "refined", kept=pass0.kept)
+    assert store.done_tasks([pass0]) == {"R0-T000"}
+    # the marker must still cover the whole task, and a kept frame that changed is not done
+    assert not store.task_done("R0-T000", range(1, 7), "refined", kept=pass0.kept)
+    assert not store.task_done("R0-T000", range(1, 6), "refined", kept=(1, 2, 3, 6))
+    store.write_latents([3], frames(1, seed=5), array="refined")
+    assert store.done_tasks([pass0]) == set()

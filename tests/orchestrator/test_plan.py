@@ -390,7 +390,7 @@ def test_refinement_pass_invariants(scheme, num_frames, window, decode_context, 
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
 
     drafted = {t: task.task_id for task in drafts for t in task.latent}
-    refined: dict[int, str] = {}
+    refined: dict[int, str] = {}  # frame -> the last refinement task to write it
     first_level = 1 + max((t.level for t in drafts), default=-1)
     for task in refinement:
         assert task.task_id.startswith(f"R{task.level - first_level}-") and task.level in (first_level, first_level + 1)
@@ -398,27 +398,56 @@ def test_refinement_pass_invariants(scheme, num_frames, window, decode_context, 
         for t in task.observed:  # given, or refined by the pass before
             assert t in plan.given or (t in refined and plan.task(refined[t]).level < task.level)
         if task.level == first_level:
-            assert set(task.observed) <= set(plan.given)
+            assert set(task.observed) <= set(plan.given) and not task.takes_over
+        assert set(task.takes_over) <= set(task.latent) and set(task.handed_over) <= set(task.latent)
         assert set(task.depends_on) == ({drafted[t] for t in task.latent}
-                                        | {refined[t] for t in task.observed if t not in plan.given})
+                                        | {refined[t] for t in (*task.takes_over, *task.observed) if t not in plan.given})
         for t in task.latent:
-            assert t not in plan.given and t not in refined, f"frame {t} refined twice or given"
+            assert t not in plan.given, f"given frame {t} refined"
+            if t in task.takes_over:  # taken over from pass 0, once
+                assert plan.task(refined[t]).level == first_level and t in plan.task(refined[t]).handed_over
+            else:
+                assert t not in refined, f"frame {t} refined twice"
             refined[t] = task.task_id
-    assert refined.keys() == drafted.keys(), "every generated frame is refined once"
+    assert refined.keys() == drafted.keys(), "every generated frame is refined"
+    for task in refinement:
+        taken = {t for other in refinement for t in other.takes_over if t in task.latent and other is not task}
+        assert set(task.handed_over) == taken and (task.kept or not task.latent)
+        assert all(refined[t] == task.task_id for t in task.kept)
+        for other in refinement:  # tasks of one pass run at once: none writes what another reads or writes
+            if other.level == task.level and other is not task:
+                assert not set(task.latent) & (set(other.latent) | set(other.observed) | set(other.takes_over))
     for seg in plan.segments:  # a segment decodes refined frames, so waits for their refinement only
         assert set(seg.depends_on) == {refined[t] for t in range(seg.context_start, seg.latent_stop) if t in refined}
     if refinement:
         assert len(plan.critical_path()) in (len(plain.critical_path()) + 1, len(plain.critical_path()) + 2)
+        abutting = make_plan(scheme, num_latent, window, refine=True, refine_layout="abutting", **args)
+        assert not any(t.takes_over or t.handed_over for t in abutting.tasks)
+        assert {t for task in abutting.tasks if task.refine for t in task.latent} == drafted.keys()
 
 
 def test_refinement_blocks_straddle_the_generation_tasks_borders():
     plan = plan_for("parallel", 385, 16, refine=True)  # 16 s at 24 fps: 97 latent frames
     drafts = {t: task.task_id for task in plan.tasks if not task.refine for t in task.latent}
     refinement = [t for t in plan.tasks if t.refine]
-    # blocks of 16 - 2 * 2 frames: the even ones alone, then the odd ones observing 2 refined frames each side
-    assert [t.latent[0] for t in refinement] == [0, 24, 48, 72, 96, 12, 36, 60, 84]
-    assert refinement[5].observed == (10, 11, 24, 25) and refinement[5].latent == tuple(range(12, 24))
+    # pass 0: blocks of 16 frames alone; pass 1: the 8 frames between and the 2 at either end of its pass-0
+    # neighbours, observing the 2 beyond those (the last pass-0 block, 1 frame, went to the pass-1 window before)
+    assert [(t.latent[0], t.latent[-1]) for t in refinement] == [
+        (0, 15), (24, 39), (48, 63), (72, 87), (14, 25), (38, 49), (62, 73), (86, 96)]
+    assert refinement[4].observed == (12, 13, 26, 27) and refinement[4].takes_over == (14, 15, 24, 25)
+    assert refinement[1].handed_over == (24, 25, 38, 39) and refinement[1].kept == tuple(range(26, 38))
+    assert refinement[7].observed == (84, 85) and refinement[7].takes_over == (86, 87)
     borders = [t for t in range(1, 97) if drafts[t] != drafts[t - 1]]
     inside = [t for t in borders if any(t - 1 in r.latent and t in r.latent for r in refinement)]
-    assert len(inside) > len(borders) // 2  # most generation borders lie inside one refinement window
-    assert "level 2 (refinement): 5 tasks" in plan.summary()
+    assert len(inside) == len(borders)  # every generation border lies inside one refinement window
+    assert "level 2 (refinement): 4 tasks" in plan.summary()
+    # stored plans made before pass 1 took frames over are remade exactly
+    abutting = plan_for("parallel", 385, 16, refine=True, refine_layout="abutting")
+    earlier = [t for t in abutting.tasks if t.refine]
+    assert [t.latent[0] for t in earlier] == [0, 24, 48, 72, 96, 12, 36, 60, 84]
+    assert earlier[5].observed == (10, 11, 24, 25) and earlier[5].latent == tuple(range(12, 24))
+    assert "level 2 (refinement): 5 tasks" in abutting.summary()
+    with pytest.raises(PlanError, match="refine_layout"):
+        plan_for("parallel", 385, 16, refine=True, refine_layout="tiled")
+
+

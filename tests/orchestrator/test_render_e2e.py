@@ -316,3 +316,23 @@ def test_autoregressive_extension_tasks_are_guided_only_above_their_floor(render
     assert floors == {task["task_id"]: floor_of(spec, task) for task in tasks}
     assert 0.5 in floors.values() and None in floors.values()  # the first window has nothing observed
     assert media.probe(spec.output)["frames"] == spec.num_frames
+
+
+def test_refinement_pass_one_takes_over_the_ends_of_pass_zero_blocks(render_cluster, tmp_path):
+    spec = tiny_spec(tmp_path, seconds=8)  # 17 latent frames, window 8: pass-0 blocks of 8, pass-1 blocks of 4
+    render(spec, scheduler=render_cluster.scheduler_address, engine="eager")
+    store = JobStore.open(spec.store_path)
+    plan = Plan.from_dict(store.plan)
+    taking = [t for t in plan.tasks if t.takes_over]
+    assert taking and all(t.task_id.startswith("R1-") for t in taking)
+    for task in (t for t in plan.tasks if t.handed_over):
+        checksums = store.task_marker(task.task_id)["checksums"]
+        assert set(checksums) == {str(i) for i in task.latent}
+        now = {str(i): store._frame_checksum_or_none(i, "refined") for i in task.latent}
+        # pass 1 wrote the frames it took over; the rest are still what pass 0 wrote, so the task stays done
+        assert all(now[str(i)] != checksums[str(i)] for i in task.handed_over)
+        assert all(now[str(i)] == checksums[str(i)] for i in task.kept)
+    assert store.done_tasks(plan.tasks) == {t.task_id for t in plan.tasks}
+    again = render(spec, scheduler=render_cluster.scheduler_address, engine="eager")
+    assert (again.tasks_run, again.segments_run) == (0, 0)
+    assert media.probe(spec.output)["frames"] == spec.num_frames

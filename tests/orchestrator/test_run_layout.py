@@ -100,7 +100,7 @@ def test_loop_plan_decodes_only_the_video():
     plan = plan_job(job, allocated, 8, given, decode_context=4)
     assert plan.num_latent_frames == 10 and plan.given == (0, 9)
     generated = sorted(t for task in plan.tasks for t in task.latent if not task.refine)
-    refined = sorted(t for task in plan.tasks for t in task.latent if task.refine)
+    refined = sorted({t for task in plan.tasks for t in task.latent if task.refine})
     assert generated == refined == list(range(1, 9))
     covered = [f for s in plan.segments for f in range(s.frame_start, s.frame_stop)]
     assert covered == list(range(32))
@@ -108,5 +108,25 @@ def test_loop_plan_decodes_only_the_video():
     # the frames next to the loop point see both ends of the video
     last = next(task for task in plan.tasks if 8 in task.latent)
     assert 9 in last.observed or 0 in last.observed
-    last_refined = next(task for task in plan.tasks if task.refine and 8 in task.latent)
+    last_refined = [task for task in plan.tasks if task.refine and 8 in task.latent][-1]
     assert 9 in last_refined.observed
+
+
+def test_a_store_planned_with_abutting_refinement_blocks_resumes_under_that_plan(tmp_path):
+    """Stores made before refinement pass 1 took frames over hold plans of the older layout: resuming one
+    must plan it the same way, not refuse it as another job's."""
+    from orchestrator.run import _plan_as_stored
+    from orchestrator.store import JobStore
+
+    job = spec(seconds=8, store=str(tmp_path / "job.zarr"))  # 64 frames, 17 latent frames
+    args = (job, 17, 8, (), 4)
+    current, earlier = plan_job(*args), plan_job(*args, refine_layout="abutting")
+    assert current.refines and current.to_dict() != earlier.to_dict()
+    assert any(t.takes_over for t in current.tasks) and not any(t.takes_over for t in earlier.tasks)
+    assert _plan_as_stored(job.store_path, current, *args) is current  # no store yet
+
+    JobStore.create(job.store_path, spec={}, plan=earlier.to_dict(), model={}, latent_shape=(17, 4, 6, 8))
+    assert _plan_as_stored(job.store_path, current, *args).to_dict() == earlier.to_dict()
+    narrower = (job, 17, 6, (), 4)  # a store of another job is left for opening to refuse
+    other = plan_job(*narrower)
+    assert _plan_as_stored(job.store_path, other, *narrower) is other
