@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from orchestrator import media
+from orchestrator.plan import Plan
 from orchestrator.run import render
 from orchestrator.store import JobStore, StoreIncomplete
 from render_helpers import FAULT
@@ -80,7 +81,8 @@ def test_sigkill_of_the_whole_render_then_resume_gives_the_same_video(fault_refe
 
     store = JobStore.open(str(store_dir))
     plan_tasks = {t["task_id"]: t for t in store.plan["tasks"]}
-    verified = {task_id for task_id, t in plan_tasks.items() if store.task_done(task_id, t["latent"])}
+    plan = Plan.from_dict(store.plan)
+    verified = store.done_tasks(plan.tasks)  # refinement pass 0 is checked on the frames pass 1 left it
     assert verified and len(verified) < len(plan_tasks)
     before = {task_id: store.task_marker(task_id) for task_id in verified}
 
@@ -104,7 +106,7 @@ def test_sigkill_of_the_whole_render_then_resume_gives_the_same_video(fault_refe
         assert store.task_marker(task_id) == before[task_id], f"{task_id} was recomputed"
     after = store.task_marker(torn)
     assert after["run_id"] != before[torn]["run_id"] and store.task_done(torn, plan_tasks[torn]["latent"])
-    assert all(store.task_done(t, plan_tasks[t]["latent"]) for t in plan_tasks)
+    assert store.done_tasks(plan.tasks) == set(plan_tasks)
     assert [r["state"] for r in store.runs()] == ["running", "completed"]  # the killed run never finished
     assert_same_video(store_dir, output, reference_spec)
 
