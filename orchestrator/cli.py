@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _spec_overrides(args) -> dict:
     overrides = {k: getattr(args, k) for k in (
         "prompt", "output", "seconds", "fps", "width", "height", "seed", "steps", "guidance", "guidance_rescale",
-        "infill_guidance", "extension_guidance_floor", "refine", "refine_steps", "sampler", "schedule", "window", "model", "codec", "quality",
-        "store", "loop")}
+        "infill_guidance", "extension_guidance_floor", "refine", "refine_steps", "sampler", "schedule", "window",
+        "model", "codec", "quality", "store", "loop")}
     if args.image:
         from orchestrator.spec import ImageInput
 

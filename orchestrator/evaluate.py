@@ -733,7 +733,8 @@ def _job_spec(args: argparse.Namespace, prompt: str, schedule: str, output: Path
     fields = {"prompt": prompt, "seconds": args.seconds, "fps": args.fps, "width": args.width,
               "height": args.height, "steps": args.steps, "guidance": args.guidance,
               "guidance_rescale": args.guidance_rescale, "infill_guidance": args.infill_guidance,
-              "extension_guidance_floor": args.extension_guidance_floor, "refine": args.refine, "refine_steps": args.refine_steps, "seed": args.seed, "schedule": schedule,
+              "extension_guidance_floor": args.extension_guidance_floor, "refine": args.refine,
+              "refine_steps": args.refine_steps, "seed": args.seed, "schedule": schedule,
               "model": args.model, "output": str(output)}
     return JobSpec.parse({k: v for k, v in fields.items() if v is not None})
 

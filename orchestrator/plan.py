@@ -413,10 +413,10 @@ def _refinement_tasks(tasks: Sequence[GenerationTask], num_latent: int, window: 
             else:
                 observed = tuple(t for t in around if (t in given_set or t in refined) and t not in latent)
             takes_over = tuple(t for t in latent if t in refined)
+            # drafts and refined frames come from different tasks, so the two lists never share an id
             depends = _producers(latent, drafted) + _producers(takes_over + observed, refined)
             passed.append(GenerationTask(f"R{refinement_pass}-T{index:03d}", first_level + refinement_pass,
-                                         observed, latent, tuple(dict.fromkeys(depends)), refine=True,
-                                         takes_over=takes_over))
+                                         observed, latent, depends, refine=True, takes_over=takes_over))
             index += 1
         # a pass observes only frames of the passes before it, so its own frames count as refined after it
         refined.update((t, task.task_id) for task in passed for t in task.latent)

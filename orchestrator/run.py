@@ -297,8 +297,7 @@ def generate_latents(task: dict, job: dict, *dependencies) -> dict:
     gen, store = get_generator(job["model"], job["engine"]), _worker_store(job)
     refine = bool(task.get("refine"))
     array = task_array(refine)
-    handed = set(task.get("handed_over", ()))
-    if store.task_done(task["task_id"], task["latent"], array, [t for t in task["latent"] if t not in handed]):
+    if store.task_done(task["task_id"], task["latent"], array, task.get("kept")):
         # Dask reruns finished tasks whose results died with a worker; the store already holds this one.
         return _stamp("generate", task["task_id"], started, level=task["level"], frames=len(task["latent"]),
                       reused=True)
@@ -319,7 +318,7 @@ def generate_latents(task: dict, job: dict, *dependencies) -> dict:
     checksums = store.write_latents(task["latent"], latents, array=array)
     store.write_task_marker(task["task_id"], checksums, level=task["level"], run_id=job["run_id"],
                             guidance=settings["guidance"], array=array,
-                            **({"guidance_floor": settings["guidance_floor"]} if "guidance_floor" in settings else {}),
+                            **{k: settings[k] for k in ("guidance_floor",) if k in settings},
                             **({"start_level": settings["start_level"]} if refine else {}),
                             pid=os.getpid(), sample_seconds=computed - started,
                             seconds=time.time() - started)
@@ -332,9 +331,10 @@ def _refinement_start(store, task: dict):
     which start from that pass's refined frames. (A task killed while writing them starts, when it runs again,
     from what it had written: still refined frames, though not exactly what the first run started from.)"""
     start = store.read_latents(task["latent"])
-    taken = [i for i, t in enumerate(task["latent"]) if t in set(task.get("takes_over", ()))]
+    taken = set(task.get("takes_over", ()))
     if taken:
-        start[taken] = store.read_latents([task["latent"][i] for i in taken], array="refined")
+        rows = [i for i, t in enumerate(task["latent"]) if t in taken]
+        start[rows] = store.read_latents([task["latent"][i] for i in rows], array="refined")
     return start
 
 
@@ -627,7 +627,7 @@ def _describe_error(error: BaseException | None) -> str:
 def _task_dict(task) -> dict:
     return {"task_id": task.task_id, "level": task.level, "observed": list(task.observed),
             "latent": list(task.latent), "causal": bool(task.causal), "refine": bool(task.refine),
-            "takes_over": list(task.takes_over), "handed_over": list(task.handed_over)}
+            "takes_over": list(task.takes_over), "kept": list(task.kept)}
 
 
 # ---------------------------------------------------------------------------------------------- render
