@@ -643,8 +643,20 @@ class DiTTrainer(Trainer):
             print(f"[dit] windows from {len(self.pool)} pool clips at {args.latents} "
                   f"(frame sizes {', '.join(f'{w}x{h}' for w, h in self.pool.sizes)})", flush=True)
 
+    def extra_images(self) -> list[tuple]:
+        """``--images`` single frames of fresh worlds per batch (spec, (width, height)), beside the videos.
+
+        A window of 16 latent frames costs as much as 16 images but shows one world where they show 16: a frame's
+        layout — which shapes, which colours, how many — is what the prompt decides, and videos teach it slowly
+        because their frames repeat one world. Images are one-frame windows, so they cost a few tokens each.
+        """
+        return [(sample_world(self.rng.randrange(EVAL_SEED_BASE)), self.rng.choice(IMAGE_SIZES))
+                for _ in range(self.args.images)]
+
     def metadata(self) -> dict:
         meta = {"head_only": True} if self.head_only else {}
+        if self.args.images:
+            meta["images"] = self.args.images
         if self.shift != self.model.cfg.flow.shift:
             meta["time_shift"] = self.shift
         return meta
@@ -709,6 +721,15 @@ class DiTTrainer(Trainer):
                                                         self.args.object_weight)) if self.args.object_weight else None)
             targets.append((x0, noise, ~is_obs, weight))
             prompts.append("" if self.rng.random() < self.model.cfg.flow.text_dropout else text)
+        for spec, (w, h) in self.extra_images():
+            x0 = self.encode_latents(spec, [0], 24, w, h)
+            t = sample_training_times(1, self.shift)
+            noise = video_noise(1, tuple(x0.shape[1:]), self.model.cfg.flow.noise_correlation)
+            t, noise = self.to_device(t, noise)
+            windows.append(FrameInputs(noisy(x0, noise, t), self.to_device(torch.tensor([False])),
+                                       self.to_device(torch.tensor([0])), t))
+            targets.append((x0, noise, self.to_device(torch.tensor([True])), None))
+            prompts.append("" if self.rng.random() < self.model.cfg.flow.text_dropout else caption(spec))
         tokens, mask, pooled = self.text(prompts)
         outs = self.model.dit(windows, tokens, mask, pooled)
         losses = [flow_loss(o, x0, n, lat, wt) for o, (x0, n, lat, wt) in zip(outs, targets)]
@@ -859,6 +880,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"default {OBJECT_WEIGHT:g}: a plain mean)")
     parser.add_argument("--time-shift", type=float, default=None, metavar="S",
                         help="dit: shift of the logit-normal training noise levels (default: the model's flow.shift)")
+    parser.add_argument("--images", type=int, default=0, metavar="N",
+                        help="dit: N single images of fresh worlds in every batch besides the --batch windows "
+                             "(each a one-frame window with the weight of a video window in the loss)")
     parser.add_argument("--head-only", action="store_true",
                         help="dit: train the refine head alone (dit.refine > 0 in the run's model.json) on the "
                              "frozen, warm-started DiT")
@@ -886,6 +910,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.latents == "" or (args.part == "latents" and args.latents is None):
         args.latents = str(run / POOL_NAME)
+    if args.images < 0:
+        raise ValueError(f"--images: {args.images} must be 0 or more single images per batch")
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
         raise ValueError(f"--minutes: {args.minutes!r} must be a positive number of minutes")
     device = resolve_device(args.device)

@@ -25,6 +25,7 @@ batch=${BATCH:-32}
 lr=${LR:-3e-4}
 device=${DEVICE:-cuda}
 prompts=${PROMPTS:-32}
+images=${IMAGES:-0}  # single images of fresh worlds per batch besides the windows (--images)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -36,7 +37,7 @@ fi
 
 python3 -m model.train unpack --run "$run"
 python3 -m model.train dit --run "$run" --init-from model/checkpoints/demo --steps "$steps" --batch "$batch" \
-  --lr "$lr" --minutes "$minutes" --save-every 500 --log-every 100 --device "$device" 2>&1 | tee "$out/train.txt"
+  --images "$images" --lr "$lr" --minutes "$minutes" --save-every 500 --log-every 100 --device "$device" 2>&1 | tee "$out/train.txt"
 cp "$run/dit/dit.safetensors" "$run/dit/dit.json" "$run/dit/log.jsonl" "$out/"
 python3 -m model.train export --run "$run" --out "$run/export"
 

@@ -148,6 +148,30 @@ def test_every_part_trains_resumes_and_exports(tmp_path, capsys, monkeypatch):
     assert warm["patch_embed.weight"].shape != shipped["patch_embed.weight"].shape
 
 
+def test_images_add_single_frames_of_fresh_worlds_to_every_batch(tmp_path, monkeypatch):
+    """`--images N` puts N one-frame windows, each noised and learnt, beside the batch's video windows, and the
+    run records it; a negative count is refused before any work, naming the option."""
+    run = tmp_path / "run"
+    common = ["--preset", "tiny", "--run", str(run), "--seed", "0", "--warmup", "1"]
+    assert main(["vae", *common, "--steps", "1", "--batch", "1"]) == 0
+    assert main(["text", *common, "--steps", "1", "--batch", "4"]) == 0
+    with pytest.raises(ValueError, match="--images: -1 must be 0 or more"):
+        main(["dit", *common, "--steps", "1", "--batch", "1", "--images", "-1"])
+    seen = []
+    forward = VideoDiT.forward
+
+    def recording(self, windows, *args, **kwargs):
+        seen.append([(len(w.frames), bool(w.observed.any()), float(w.noise.max())) for w in windows])
+        return forward(self, windows, *args, **kwargs)
+
+    monkeypatch.setattr(VideoDiT, "forward", recording)
+    assert main(["dit", *common, "--steps", "2", "--batch", "1", "--images", "3"]) == 0
+    assert [len(batch) for batch in seen] == [4, 4]
+    for batch in seen:
+        assert all(frames == 1 and not observed and noise > 0 for frames, observed, noise in batch[1:])
+    assert json.loads((run / "dit" / "dit.json").read_text())["images"] == 3
+
+
 def test_head_only_trains_the_refine_head_on_the_frozen_dit(tmp_path, capsys):
     """`--head-only` adds a refine head to a trained DiT and trains it alone: every block keeps the
     warm-started weights exactly, the head moves away from the identity, and the run records where it began."""
