@@ -643,16 +643,6 @@ class DiTTrainer(Trainer):
             print(f"[dit] windows from {len(self.pool)} pool clips at {args.latents} "
                   f"(frame sizes {', '.join(f'{w}x{h}' for w, h in self.pool.sizes)})", flush=True)
 
-    def extra_images(self) -> list[tuple]:
-        """``--images`` single frames of fresh worlds per batch (spec, (width, height)), beside the videos.
-
-        A window of 16 latent frames costs as much as 16 images but shows one world where they show 16: a frame's
-        layout — which shapes, which colours, how many — is what the prompt decides, and videos teach it slowly
-        because their frames repeat one world. Images are one-frame windows, so they cost a few tokens each.
-        """
-        return [(sample_world(self.rng.randrange(EVAL_SEED_BASE)), self.rng.choice(IMAGE_SIZES))
-                for _ in range(self.args.images)]
-
     def metadata(self) -> dict:
         meta = {"head_only": True} if self.head_only else {}
         if self.args.images:
@@ -685,8 +675,12 @@ class DiTTrainer(Trainer):
         windows, targets, prompts = [], [], []
         K = self.model.cfg.dit.max_window
         video_size = self.rng.choice(self.pool.sizes if self.pool else VIDEO_SIZES)
-        for b in range(self.args.batch):
-            image = b == 0 and self.rng.random() < 0.5  # single images as one-frame videos
+        # ``--images`` single frames of fresh worlds follow the batch's video windows: a 16-frame window costs as
+        # much as 16 images but shows one world where they show 16, and a frame's layout (which shapes, which
+        # colours, how many) is what the prompt decides.
+        for b in range(self.args.batch + self.args.images):
+            # single images as one-frame videos
+            image = b >= self.args.batch or (b == 0 and self.rng.random() < 0.5)
             if image:
                 spec = sample_world(self.rng.randrange(EVAL_SEED_BASE))
                 w, h = self.rng.choice(IMAGE_SIZES)
@@ -721,15 +715,6 @@ class DiTTrainer(Trainer):
                                                         self.args.object_weight)) if self.args.object_weight else None)
             targets.append((x0, noise, ~is_obs, weight))
             prompts.append("" if self.rng.random() < self.model.cfg.flow.text_dropout else text)
-        for spec, (w, h) in self.extra_images():
-            x0 = self.encode_latents(spec, [0], 24, w, h)
-            t = sample_training_times(1, self.shift)
-            noise = video_noise(1, tuple(x0.shape[1:]), self.model.cfg.flow.noise_correlation)
-            t, noise = self.to_device(t, noise)
-            windows.append(FrameInputs(noisy(x0, noise, t), self.to_device(torch.tensor([False])),
-                                       self.to_device(torch.tensor([0])), t))
-            targets.append((x0, noise, self.to_device(torch.tensor([True])), None))
-            prompts.append("" if self.rng.random() < self.model.cfg.flow.text_dropout else caption(spec))
         tokens, mask, pooled = self.text(prompts)
         outs = self.model.dit(windows, tokens, mask, pooled)
         losses = [flow_loss(o, x0, n, lat, wt) for o, (x0, n, lat, wt) in zip(outs, targets)]
