@@ -621,6 +621,58 @@ def denoising_error(generator: Any, prompts: Sequence[tuple[int, str]], *, width
             "prompts": len(prompts), "latent_frames": latent_frames}
 
 
+def prompt_sensitivity(generator: Any, prompts: Sequence[tuple[int, str]], *, width: int, height: int, fps: float,
+                       latent_frames: int = 6, levels: Sequence[float] = DENOISE_LEVELS, seed: int = 0) -> dict:
+    """How far the DiT's clean-latent estimate of an object moves when the prompt names another shape for it,
+    and when it names another colour: the mean squared difference of the two estimates on the latent pixels
+    the object touches, from the same noisy latents of the prompt's own world video, by noise level.
+
+    The first prompted object of each world is the one renamed (another shape; another colour that is neither
+    the background's nor another object's); only the caption changes, so whatever moves is what the DiT takes
+    from that word. A DiT that hears colours and not shapes draws every shape as the same blob, whatever
+    else it has learnt: this tells that apart from a drawing problem in one DiT call per word and level.
+    """
+    import dataclasses
+
+    import torch
+
+    from model.flow import noisy, video_noise
+    from model.latent_pool import latent_object_mask
+
+    num_frames = 1 + LATENT_FRAME_STRIDE * (latent_frames - 1)
+    times = list(range(latent_frames))
+    moved: dict[str, dict[float, list[float]]] = {word: {level: [] for level in levels}
+                                                  for word in ("shape", "colour")}
+    for k, (world_seed, prompt) in enumerate(prompts):
+        spec = world.sample_world(world_seed)
+        first = spec.objects[0]
+        taken = {spec.background, *(o.colour for o in spec.objects)}
+        renamed = {
+            "shape": dataclasses.replace(first, shape=next(s for s in world.SHAPES if s != first.shape)),
+            "colour": dataclasses.replace(first, colour=next(c for c in world.COLOURS if c not in taken)),
+        }
+        captions = {word: world.caption(dataclasses.replace(spec, objects=(obj, *spec.objects[1:])))
+                    for word, obj in renamed.items()}
+        frames = world.render_frames(spec, range(num_frames), fps=fps, width=width, height=height)
+        clean = generator.encode(frames)
+        alone = dataclasses.replace(spec, objects=(first,))
+        pixels = latent_object_mask(alone, times, fps, width, height, generator.config.vae.spatial_factor).bool()
+        if not pixels.any():
+            continue
+        for j, level in enumerate(levels):
+            noise = video_noise(len(clean), tuple(clean.shape[1:]), generator.config.flow.noise_correlation,
+                                own=torch.Generator().manual_seed(seed + 1000 * k + j),
+                                shared=torch.Generator().manual_seed(seed + 1000 * k))
+            noisy_latents = noisy(clean, noise, torch.full((len(clean),), level))
+            estimate = generator.predict_clean(noisy_latents, times, level, prompt)
+            for word, other in captions.items():
+                changed = generator.predict_clean(noisy_latents, times, level, other)
+                moved[word][level].append(float((changed - estimate).pow(2).mean(1)[pixels].mean()))
+    return {"levels": [float(v) for v in levels],
+            **{word: [_rounded(_mean(by_level[level]), 5) for level in levels] for word, by_level in moved.items()},
+            "prompts": len(prompts), "latent_frames": latent_frames}
+
+
 def window_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, width: int, height: int, fps: float,
                      steps: int, guidance: float, guidance_rescale: float = 0.0, latent_frames: int = 16,
                      seed: int = 0) -> dict:
@@ -637,6 +689,7 @@ def window_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, widt
     h, w = generator.latent_size(height, width)
     window = Window((), tuple(range(latent_frames)), h, w)
     adherence, background, seams = [], [], []
+    by_shape: dict[str, list[float]] = {shape: [] for shape in world.SHAPES}
     boundaries = [first_frame_of_latent(i) for i in range(1, latent_frames)]
     for k, (_, prompt) in enumerate(prompts):
         latents = generator.sample(window, None, prompt, seed=seed + k, steps=steps, guidance=guidance,
@@ -647,8 +700,14 @@ def window_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, widt
         seams.append(result["seam_ratio"])
         if result["background"]["correct"] is not None:
             background.append(float(result["background"]["correct"]))
+        for obj in result["objects"]:
+            if obj["present_at_start"] is not None:
+                by_shape[obj["shape"]].append(float(obj["present_at_start"]))
+    # By prompted shape: a model that ignores the shape word draws every object as the same blob, which the
+    # detector reads as a circle, so the mean alone hides whether shapes are drawn at all.
     return {"adherence": _rounded(_mean(adherence)), "background_correct": _rounded(_mean(background)),
-            "seam_ratio": _rounded(_mean(seams)), "prompts": len(prompts), "latent_frames": latent_frames}
+            "seam_ratio": _rounded(_mean(seams)), "prompts": len(prompts), "latent_frames": latent_frames,
+            "by_shape": {shape: _rounded(_mean(found)) for shape, found in by_shape.items() if found}}
 
 
 def eval_prompts(count: int) -> list[tuple[int, str]]:
@@ -702,7 +761,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="job seed of every render (default 0)")
     parser.add_argument("--vae-clips", type=int, default=4, help="held-out clips for VAE PSNR (0 skips it)")
     parser.add_argument("--denoise-frames", type=int, default=16,
-                        help="latent frames of each prompt's world video for the DiT's denoising error (0 skips it)")
+                        help="latent frames of each prompt's world video for the DiT's denoising error and its "
+                             "sensitivity to the prompt's shape and colour words (0 skips both)")
     parser.add_argument("--window-prompts", type=int, default=16,
                         help="prompts scored on one generated window each, no render (0 skips; default 16)")
     parser.add_argument("--out", default=None, help="keep videos and stores in this directory (default: temporary)")
@@ -807,6 +867,11 @@ def _target_text(key: str) -> str:
     return f"{'>=' if op == '>=' else '<='} {value:g}"
 
 
+def _by_level(levels: Sequence[float], first: Sequence[Any], second: Sequence[Any]) -> str:
+    """"0.3: a / b, 0.6: a / b, ..." for two measurements taken at each noise level."""
+    return ", ".join(f"{level:g}: {a} / {b}" for level, a, b in zip(levels, first, second))
+
+
 def _print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -863,19 +928,25 @@ def _print_table(report: dict) -> None:
                           f"boundary {ceiling['seam_ratio']}")
     if report.get("denoising"):
         d = report["denoising"]
-        pairs = ", ".join(f"{level:g}: {obj} / {back}" for level, obj, back in zip(d["levels"], d["objects"],
-                                                                                 d["backdrop"]))
         console.print(f"DiT denoising error (clean-latent MSE, objects / backdrop, by noise level) on "
-                      f"{d['latent_frames']} latent frames of each prompt's world video: {pairs}")
+                      f"{d['latent_frames']} latent frames of each prompt's world video: "
+                      f"{_by_level(d['levels'], d['objects'], d['backdrop'])}")
         if d.get("adherence"):
             kept = ", ".join(f"{level:g}: {a}" for level, a in zip(d["levels"], d["adherence"]))
             console.print(f"Adherence of the decoded clean-latent estimates, by noise level: {kept} "
                           f"(decoded clean latents: {d['adherence_clean']})")
+    if report.get("prompt_sensitivity"):
+        d = report["prompt_sensitivity"]
+        console.print(f"How far the DiT's estimate of an object moves when the prompt renames its shape / its colour "
+                      f"(MSE on its latent pixels, by noise level): {_by_level(d['levels'], d['shape'], d['colour'])}")
     if report.get("window"):
         win = report["window"]
         console.print(f"One generated window of {win['latent_frames']} latent frames per prompt, {win['prompts']} "
                       f"prompts: adherence {win['adherence']}, background correct {win['background_correct']}, "
                       f"seam ratio at latent-frame boundaries {win.get('seam_ratio')}")
+        if win.get("by_shape"):
+            console.print("  adherence by prompted shape: "
+                          + ", ".join(f"{shape} {share}" for shape, share in win["by_shape"].items()))
     failed = [c for c in report["checks"] if c["passed"] is False]
     console.print(f"{len(report['checks']) - len(failed)} of {len(report['checks'])} target checks pass.")
 
@@ -921,7 +992,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         reference.append(evaluate_video(frames, prompt, fps, boundaries) | {"world_seed": seed})
     world_column = {"summary": summarise(reference), "per_prompt": reference}
 
-    vae = denoising = windows = None
+    vae = denoising = sensitivity = windows = None
     generator = (load_generator(args.model) if args.vae_clips or args.denoise_frames or args.window_prompts
                  else None)
     if args.vae_clips:
@@ -930,6 +1001,10 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     if args.denoise_frames:
         denoising = denoising_error(generator, prompts, width=width, height=height, fps=fps,
                                     latent_frames=min(args.denoise_frames, generator.max_window), seed=args.seed)
+        # One DiT call per word and level: cheap enough for the window check's larger prompt set.
+        sensitivity = prompt_sensitivity(generator, eval_prompts(args.window_prompts) if args.window_prompts
+                                         else prompts, width=width, height=height, fps=fps,
+                                         latent_frames=min(args.denoise_frames, generator.max_window), seed=args.seed)
     if args.window_prompts:
         windows = window_adherence(generator, eval_prompts(args.window_prompts), width=width, height=height,
                                    fps=fps, steps=first_job.steps, guidance=first_job.guidance,
@@ -954,6 +1029,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         WORLD_COLUMN: world_column,
         "vae": vae,
         "denoising": denoising,
+        "prompt_sensitivity": sensitivity,
         "window": windows,
         "checks": checks,
     }

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 import model.train
 from model.dit import VideoDiT
 from model.generator import Generator, Window
+from model.text import TextEncoder
 from model.train import (gradient_loss, main, object_loss_weight, object_pixel_weight, sample_window, seam_loss,
-                         weighted_mean)
-from model.world import ObjectSpec, WorldSpec
+                         shape_variants, weighted_mean)
+from model.world import ObjectSpec, WorldSpec, caption, parse_caption, sample_world
 
 
 def test_training_windows_fit_the_model_and_practise_neighbouring_latents():
@@ -146,6 +147,52 @@ def test_every_part_trains_resumes_and_exports(tmp_path, capsys, monkeypatch):
     block = next(k for k in warm if k.startswith("blocks.0.") and k.endswith("weight") and warm[k].ndim == 2)
     torch.testing.assert_close(warm[block], shipped[block], rtol=0, atol=1e-3)
     assert warm["patch_embed.weight"].shape != shipped["patch_embed.weight"].shape
+
+
+def test_shape_variants_change_shapes_and_nothing_else():
+    rng = random.Random(0)
+    for seed in range(40):
+        spec = sample_world(seed)
+        variants = shape_variants(spec, rng, 3)
+        assert 1 <= len(variants) <= 3
+        captions = [caption(spec)] + [caption(v) for v in variants]
+        assert len(set(captions)) == len(captions), "every variant is a negative with a caption of its own"
+        for variant in variants:
+            assert variant.background == spec.background and variant.pattern == spec.pattern
+            assert len(variant.objects) == len(spec.objects)
+            for a, b in zip(spec.objects, variant.objects):
+                assert (a.colour, a.size, a.motion, a.x, a.y) == (b.colour, b.size, b.motion, b.x, b.y)
+            parsed, original = parse_caption(caption(variant)), parse_caption(caption(spec))
+            assert [o["colour"] for o in parsed["objects"]] == [o["colour"] for o in original["objects"]]
+            assert [o["shape"] for o in parsed["objects"]] != [o["shape"] for o in original["objects"]]
+
+
+def test_text_batches_hold_worlds_with_their_shape_variants(tmp_path, monkeypatch):
+    """`--shape-variants G` trains the text encoder on groups of G captions of one world that only shape words
+    tell apart, the run records G, and a count below 1 is refused before any work, naming the option."""
+    run = tmp_path / "run"
+    common = ["--preset", "tiny", "--run", str(run), "--seed", "0", "--warmup", "1"]
+    with pytest.raises(ValueError, match="--shape-variants: 0 must be at least 1"):
+        main(["text", *common, "--steps", "1", "--batch", "8", "--shape-variants", "0"])
+    batches = []
+    tokenize = TextEncoder.tokenize
+
+    def recording(self, prompts):
+        batches.append(list(prompts))
+        return tokenize(self, prompts)
+
+    monkeypatch.setattr(TextEncoder, "tokenize", recording)
+    assert main(["text", *common, "--steps", "2", "--batch", "8", "--shape-variants", "4"]) == 0
+    assert [len(b) for b in batches] == [8, 8]
+    for batch in batches:
+        parsed = [parse_caption(c) for c in batch]
+        # Each world leads its group: the captions after it name the same colours on the same background.
+        leaders = [i for i, p in enumerate(parsed)
+                   if i == 0 or [o["colour"] for o in p["objects"]] != [o["colour"] for o in parsed[i - 1]["objects"]]
+                   or p["background"] != parsed[i - 1]["background"]]
+        assert len(leaders) < len(batch), "some captions are shape variants of the world before them"
+        assert len(set(batch)) == len(batch)
+    assert json.loads((run / "text" / "text.json").read_text())["shape_variants"] == 4
 
 
 def test_images_add_single_frames_of_fresh_worlds_to_every_batch(tmp_path, monkeypatch):

@@ -312,6 +312,43 @@ def test_denoising_adherence_scores_the_decoded_estimates():
     assert lost["adherence"] == [0.0, 0.0, 0.0]
 
 
+def test_prompt_sensitivity_tells_a_dit_deaf_to_shape_words_from_one_that_hears_them():
+    """The estimate is compared with itself under a caption renaming the first object's shape and under one
+    renaming its colour; a DiT that reads colour words alone moves for the colour and not at all for the shape."""
+    from model.generator import Generator
+
+    generator = Generator.from_preset("tiny")
+    prompts = ev.eval_prompts(2)
+    size = dict(width=64, height=64, fps=8)
+    asked = []
+
+    def hears(*words):
+        vocabulary = {"shape": world.SHAPES, "colour": world.COLOURS}
+
+        def predict_clean(noisy, times, level, prompt):
+            asked.append(prompt)
+            named = world.parse_caption(prompt)["objects"][0]
+            return noisy + sum(vocabulary[w].index(named[w]) for w in words)  # each word shifts every pixel
+        return predict_clean
+
+    generator.predict_clean = hears("colour")
+    deaf = ev.prompt_sensitivity(generator, prompts, latent_frames=2, **size)
+    assert deaf["levels"] == list(ev.DENOISE_LEVELS) and deaf["prompts"] == 2
+    assert deaf["shape"] == [0.0, 0.0, 0.0] and min(deaf["colour"]) > 0
+    for seed, prompt in prompts:
+        spec = world.sample_world(seed)
+        first = world.parse_caption(prompt)["objects"][0]
+        named = [world.parse_caption(p)["objects"][0] for p in asked if p != prompt
+                 and world.parse_caption(p)["background"] == spec.background]
+        # One renaming changes the shape alone, the other the colour alone, to one nobody else in the world wears.
+        assert any(n["shape"] != first["shape"] and n["colour"] == first["colour"] for n in named)
+        taken = {spec.background, *(o.colour for o in spec.objects)}
+        assert any(n["colour"] not in taken and n["shape"] == first["shape"] for n in named)
+    generator.predict_clean = hears("colour", "shape")
+    both = ev.prompt_sensitivity(generator, prompts, latent_frames=2, **size)
+    assert min(both["shape"]) > 0
+
+
 class _WorldPainter:
     """A generator whose windows are the prompt's own world video (or, with ``flat``, its mean colour)."""
 
@@ -347,11 +384,14 @@ def test_window_adherence_finds_the_prompt_in_a_faithful_window_and_nothing_in_a
     painter = _WorldPainter(prompts)
     faithful = ev.window_adherence(painter, prompts, seed=5, **size)
     seams = faithful.pop("seam_ratio")
+    by_shape = faithful.pop("by_shape")
     assert faithful == {"adherence": 1.0, "background_correct": 1.0, "prompts": 3, "latent_frames": 4}
+    prompted = {o["shape"] for _, p in prompts for o in world.parse_caption(p)["objects"]}
+    assert set(by_shape) == prompted and set(by_shape.values()) == {1.0}
     assert painter.seeds == [5, 6, 7], "every prompt samples its own noise"
     assert seams < 1.6, "the world's own frames join smoothly at latent-frame boundaries"
     flat = ev.window_adherence(_WorldPainter(prompts, flat=True), prompts, **size)
-    assert flat["adherence"] == 0.0
+    assert flat["adherence"] == 0.0 and set(flat["by_shape"].values()) == {0.0}
     jumpy = ev.window_adherence(_WorldPainter(prompts, jumpy=True), prompts, **size)
     assert jumpy["adherence"] == 1.0 and jumpy["seam_ratio"] > 3 * seams
 
@@ -398,6 +438,9 @@ def test_longshot_eval_end_to_end(tmp_path, capsys):
     assert report["vae"]["clips"] == 1 and report["vae"]["psnr"] > 0
     assert 0.0 <= report["vae"]["reconstruction"]["adherence"] <= 1.0
     assert report["denoising"]["latent_frames"] == 2 and len(report["denoising"]["objects"]) == 3
+    sensitivity = report["prompt_sensitivity"]
+    assert sensitivity["prompts"] == 2 and all(v >= 0 for v in sensitivity["shape"] + sensitivity["colour"])
     assert report["window"]["prompts"] == 2 and 0.0 <= report["window"]["adherence"] <= 1.0
+    assert set(report["window"]["by_shape"]) <= set(world.SHAPES)
     targets = {(c["target"], c["schedule"]) for c in report["checks"]}
     assert {("vae_psnr", None), ("adherence", "parallel"), ("seam_ratio", "parallel")} <= targets
