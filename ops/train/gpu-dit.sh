@@ -7,6 +7,7 @@
 # scores one generated window per held-out prompt for the new and the shipped DiT.
 #
 #   MINUTES=15 STEPS=30000 BATCH=32 bash ops/train/gpu-dit.sh
+#   TEXT_STEPS=8000 MINUTES=20 bash ops/train/gpu-dit.sh     # first teach the text encoder shapes
 #
 # On a machine without the project's packages, prepare wheels first (../shared/tools/device-wheels.sh) and
 # carry .whl: they are installed to /tmp/site. Results go to $OUT (default ./gpu-out), small enough to bring
@@ -14,6 +15,7 @@
 # To ship them, on the machine that keeps the repository:
 #   longshot train unpack --run runs/gpu
 #   cp gpu-out/dit.safetensors gpu-out/dit.json runs/gpu/dit/
+#   cp gpu-out/text.safetensors gpu-out/text.json runs/gpu/text/                  # after TEXT_STEPS=N
 #   longshot train export --run runs/gpu --out model/checkpoints/demo     # then `longshot eval` decides
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,6 +28,10 @@ lr=${LR:-3e-4}
 device=${DEVICE:-cuda}
 prompts=${PROMPTS:-32}
 images=${IMAGES:-0}  # single images of fresh worlds per batch besides the windows (--images)
+# Text encoder steps with shape variants before the DiT (0: keep the shipped text encoder). The shipped one is
+# nearly blind to shape words; 8,000 steps with --shape-variants 4 taught it shapes (MODEL_CARD.md, "Every
+# shape comes out round"). Its weights then come back too (text.safetensors, text.json).
+text_steps=${TEXT_STEPS:-0}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -36,6 +42,12 @@ else
 fi
 
 python3 -m model.train unpack --run "$run"
+if [ "$text_steps" -gt 0 ]; then
+  rm "$run/text/text.safetensors"  # so that the text part warm-starts from the checkpoint with a fresh optimiser
+  python3 -m model.train text --run "$run" --init-from model/checkpoints/demo --steps "$text_steps" --lr 1e-3 \
+    --shape-variants 4 --log-every 500 --device "$device" 2>&1 | tee "$out/train-text.txt"
+  cp "$run/text/text.safetensors" "$run/text/text.json" "$out/"
+fi
 python3 -m model.train dit --run "$run" --init-from model/checkpoints/demo --steps "$steps" --batch "$batch" \
   --images "$images" --lr "$lr" --minutes "$minutes" --save-every 500 --log-every 100 --device "$device" 2>&1 | tee "$out/train.txt"
 cp "$run/dit/dit.safetensors" "$run/dit/dit.json" "$run/dit/log.jsonl" "$out/"
