@@ -43,6 +43,7 @@ import json
 import math
 import sys
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -566,6 +567,18 @@ def reconstruction_ceiling(generator: Any, prompts: Sequence[tuple[int, str]], *
 DENOISE_LEVELS = (0.3, 0.6, 0.9)
 
 
+def _noised(generator: Any, clean: Any, level: float, own_seed: int, shared_seed: int) -> Any:
+    """``clean`` latents noised to ``level`` under the model's noise prior: each frame's own noise drawn from
+    ``own_seed``, the field common to all frames from ``shared_seed``, so every measurement is reproducible."""
+    import torch
+
+    from model.flow import noisy, video_noise
+
+    noise = video_noise(len(clean), tuple(clean.shape[1:]), generator.config.flow.noise_correlation,
+                        own=torch.Generator().manual_seed(own_seed), shared=torch.Generator().manual_seed(shared_seed))
+    return noisy(clean, noise, torch.full((len(clean),), level))
+
+
 def denoising_error(generator: Any, prompts: Sequence[tuple[int, str]], *, width: int, height: int, fps: float,
                     latent_frames: int = 16, levels: Sequence[float] = DENOISE_LEVELS, seed: int = 0) -> dict:
     """The DiT's error on each prompt's own world video: mean squared error of its clean-latent estimate from
@@ -580,9 +593,6 @@ def denoising_error(generator: Any, prompts: Sequence[tuple[int, str]], *, width
     keep their colour and shape through one estimate. ``adherence_clean`` scores the decoded clean latents,
     the most any estimate can keep.
     """
-    import torch
-
-    from model.flow import noisy, video_noise
     from model.latent_pool import latent_object_mask
 
     num_frames = 1 + LATENT_FRAME_STRIDE * (latent_frames - 1)
@@ -601,11 +611,8 @@ def denoising_error(generator: Any, prompts: Sequence[tuple[int, str]], *, width
         objects = latent_object_mask(spec, times, fps, width, height, generator.config.vae.spatial_factor).bool()
         kept[0.0].append(adherence_of(clean, prompt))
         for j, level in enumerate(levels):
-            noise = video_noise(len(clean), tuple(clean.shape[1:]), generator.config.flow.noise_correlation,
-                                own=torch.Generator().manual_seed(seed + 1000 * k + j),
-                                shared=torch.Generator().manual_seed(seed + 1000 * k))
-            estimate = generator.predict_clean(noisy(clean, noise, torch.full((len(clean),), level)), times,
-                                               level, prompt)
+            estimate = generator.predict_clean(_noised(generator, clean, level, seed + 1000 * k + j, seed + 1000 * k),
+                                               times, level, prompt)
             error = (estimate - clean).pow(2).mean(1)  # (F, h, w)
             kept[level].append(adherence_of(estimate, prompt))
             total = sums[level]
@@ -632,11 +639,6 @@ def prompt_sensitivity(generator: Any, prompts: Sequence[tuple[int, str]], *, wi
     from that word. A DiT that hears colours and not shapes draws every shape as the same blob, whatever
     else it has learnt: this tells that apart from a drawing problem in one DiT call per word and level.
     """
-    import dataclasses
-
-    import torch
-
-    from model.flow import noisy, video_noise
     from model.latent_pool import latent_object_mask
 
     num_frames = 1 + LATENT_FRAME_STRIDE * (latent_frames - 1)
@@ -660,10 +662,7 @@ def prompt_sensitivity(generator: Any, prompts: Sequence[tuple[int, str]], *, wi
         if not pixels.any():
             continue
         for j, level in enumerate(levels):
-            noise = video_noise(len(clean), tuple(clean.shape[1:]), generator.config.flow.noise_correlation,
-                                own=torch.Generator().manual_seed(seed + 1000 * k + j),
-                                shared=torch.Generator().manual_seed(seed + 1000 * k))
-            noisy_latents = noisy(clean, noise, torch.full((len(clean),), level))
+            noisy_latents = _noised(generator, clean, level, seed + 1000 * k + j, seed + 1000 * k)
             estimate = generator.predict_clean(noisy_latents, times, level, prompt)
             for word, other in captions.items():
                 changed = generator.predict_clean(noisy_latents, times, level, other)
