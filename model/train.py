@@ -173,7 +173,13 @@ class Trainer:
         self._stretch_start = 0
 
     def autocast(self):
-        """bf16 autocast of the forward passes on a GPU; the CPU keeps fp32 (its bf16 matmuls are slower)."""
+        """bf16 autocast of the forward passes on a GPU; the CPU keeps fp32.
+
+        Measured on a 2-core CPU with bf16 matrix units (AMX), where one bf16 matrix product of the demo DiT's
+        size runs 7 times as fast as in fp32: a DiT training step under CPU bf16 autocast was still slower
+        (0.47 against 0.66 steps/s; the bf16 attention's backward pass alone took 825 against 51 ms), and with
+        the attention kept in fp32 too (0.59 against 0.68 steps/s over 100 steps of varied window shapes).
+        """
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
