@@ -39,11 +39,11 @@ video, and at most a third of it for the marks). Within a window:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 import tempfile
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
