@@ -70,25 +70,34 @@ def to_pixels(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
-@torch.no_grad()
-def encode_groups(vae: torch.nn.Module, spec, times: list[int], fps: int, width: int,
-                  height: int) -> torch.Tensor:
-    """Raw latent means (n, C, h, w) of the latent frames at absolute indices ``times``, each from its own frames.
-
-    The encoder mixes no latent frames, so encoding a frame's four video frames alone gives exactly what
-    encoding the whole clip gives; frame 0 is encoded alone, repeated four times as the encoder pads it.
-    """
+def pixel_groups(spec, times: list[int], fps: int, width: int, height: int) -> np.ndarray:
+    """The video frames of the latent frames at absolute indices ``times``, uint8 (n, 4, H, W, 3): each latent
+    frame's four, and frame 0 repeated four times as the encoder pads it. Pure CPU work (the world is drawn
+    with numpy), so it can run in a data loader's worker processes."""
     groups = []
     for i in times:
         frames = render_frames(spec, frames_of_latent(i), fps=fps, width=width, height=height)
-        if i == 0:
-            frames = np.repeat(frames, 4, axis=0)
-        groups.append(to_pixels(frames))
-    video = torch.stack(groups)  # (n, 3, 4, H, W)
-    n, tf = video.shape[0], video.shape[2]
-    packed = video.reshape(n, 3, 1, tf, height, width).permute(0, 3, 1, 2, 4, 5).reshape(n, 3 * tf, 1, height, width)
-    moments = vae.encoder(packed.to(next(vae.parameters()).device))
+        groups.append(np.repeat(frames, 4, axis=0) if i == 0 else frames)
+    return np.stack(groups)
+
+
+@torch.no_grad()
+def encode_pixel_groups(vae: torch.nn.Module, groups: torch.Tensor) -> torch.Tensor:
+    """Raw latent means (n, C, h, w) of uint8 pixel groups (n, 4, H, W, 3), one latent frame each, in one encoder
+    call on the VAE's device. The encoder mixes no latent frames, so encoding a frame's four video frames alone
+    gives exactly what encoding the whole clip gives, and groups of different clips batch freely."""
+    n, tf, height, width, _ = groups.shape
+    device = next(vae.parameters()).device
+    # (n, 4, H, W, 3) -> the encoder's packed input (n, 4 * 3, 1, H, W), frame-major channels
+    pixels = groups.to(device).permute(0, 1, 4, 2, 3).float().div(127.5).sub(1.0)
+    moments = vae.encoder(pixels.reshape(n, tf * 3, 1, height, width))
     return moments.chunk(2, dim=1)[0][:, :, 0]
+
+
+def encode_groups(vae: torch.nn.Module, spec, times: list[int], fps: int, width: int,
+                  height: int) -> torch.Tensor:
+    """Raw latent means (n, C, h, w) of the latent frames at absolute indices ``times``, each from its own frames."""
+    return encode_pixel_groups(vae, torch.from_numpy(pixel_groups(spec, times, fps, width, height)))
 
 
 def encoder_digest(vae: torch.nn.Module) -> str:

@@ -48,7 +48,8 @@ from model.config import ModelConfig, get_preset, preset_names
 from model.dit import FrameInputs
 from model.flow import flow_loss, noisy, sample_training_times, video_noise
 from model.generator import CONFIG_FILE, WEIGHTS_FILE, Generator, VideoModel, _quiet_open_clip
-from model.latent_pool import (CLIP_FPS, CLIP_SECONDS, LatentPool, build_pool, encode_groups, latent_object_mask,
+from model.latent_pool import (CLIP_FPS, CLIP_SECONDS, LatentPool, build_pool, encode_groups, encode_pixel_groups,
+                                latent_object_mask, pixel_groups,
                                num_latents, to_pixels)
 from model.vae import Decoder
 from model.world import EVAL_SEED_BASE, SHAPES, caption, object_mask, render_frames, sample_world
@@ -143,10 +144,14 @@ def describe_device(device: torch.device) -> str:
     return f"cpu: {platform.machine() or 'unknown'}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
-def lr_at(step: int, base: float, warmup: int, total: int) -> float:
+def lr_at(step: int, base: float, warmup: int, total: int, spent: float | None = None) -> float:
+    """Warmup, then a cosine from ``base`` down to a tenth of it over ``total`` steps. ``spent`` (the share of a
+    time budget used, with --anneal-in-time) moves the cosine on as far as the clock has, if that is further."""
     if step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
+    if spent is not None:
+        progress = max(progress, spent)
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -278,14 +283,21 @@ class Trainer:
         log = Logger(self.paths.log, total, self.args.log_every)
         self.module().train()
         # A time budget (--minutes) ends the run early at a step boundary; the learning rate still follows the
-        # schedule over --steps, so a later command with the same --steps resumes where this one stopped.
-        deadline = time.monotonic() + 60 * self.args.minutes if getattr(self.args, "minutes", None) else None
+        # schedule over --steps, so a later command with the same --steps resumes where this one stopped. With
+        # --anneal-in-time it follows the clock where that is ahead, so a run on a lent machine of unknown speed
+        # still ends annealed when its minutes are up (and does not resume on the same schedule).
+        minutes = getattr(self.args, "minutes", None)
+        started = time.monotonic()
+        deadline = started + 60 * minutes if minutes else None
+        by_time = bool(getattr(self.args, "anneal_in_time", False)) and deadline is not None
         while self.step < total:
-            if deadline is not None and time.monotonic() > deadline:
-                print(f"[{self.part}] time budget of {self.args.minutes:g} min spent at step {self.step}", flush=True)
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
+                print(f"[{self.part}] time budget of {minutes:g} min spent at step {self.step}", flush=True)
                 break
+            spent = (now - started) / (60 * minutes) if by_time else None
             for group in self.opt.param_groups:
-                group["lr"] = lr_at(self.step, self.args.lr, self.args.warmup, total)
+                group["lr"] = lr_at(self.step, self.args.lr, self.args.warmup, total, spent)
             with self.autocast():
                 loss, values = self.loss()
             self.opt.zero_grad(set_to_none=True)
@@ -671,6 +683,58 @@ def object_loss_weight(spec, times: list[int], fps: int, width: int, height: int
     return 1.0 + extra * latent_object_mask(spec, times, fps, width, height, spatial_factor)
 
 
+@dataclass
+class WindowDraft:
+    """One training window as drawn on the CPU, before its frames are encoded: the video frames of its latent
+    frames (``groups``, uint8 (n, 4, H, W, 3)) or, from a latent pool, the latents themselves (``latents``,
+    normalised (n, C, h, w)); which of its latent frames are observed; the caption; the object loss weight."""
+    times: list[int]
+    observed: list[int]
+    caption: str
+    groups: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+
+
+def draw_world_windows(rng: random.Random, windows: int, images: int, max_window: int, spatial_factor: int,
+                       object_weight: float) -> list[WindowDraft]:
+    """A batch of ``windows`` video windows of fresh worlds, of one frame size, then ``images`` single images:
+    the whole CPU side of a DiT step on clips drawn on the fly (the world drawn with numpy), so that it can run
+    ahead in data loader workers while the GPU trains.
+
+    The single images follow the video windows: a 16-frame window costs as much as 16 images but shows one world
+    where they show 16, and a frame's layout (which shapes, which colours, how many) is what the prompt decides.
+    """
+    video_size = rng.choice(VIDEO_SIZES)
+    drafts = []
+    for b in range(windows + images):
+        spec = sample_world(rng.randrange(EVAL_SEED_BASE))
+        if b >= windows or (b == 0 and rng.random() < 0.5):  # single images as one-frame videos
+            (w, h), fps, observed, latent = rng.choice(IMAGE_SIZES), 24, [], [0]
+        else:
+            (w, h), fps, seconds = video_size, rng.choice(CLIP_FPS), rng.choice(CLIP_SECONDS)
+            observed, latent = sample_window(rng, num_latents(seconds, fps), max_window)
+        times = sorted(observed + latent)
+        weight = (object_loss_weight(spec, times, fps, w, h, spatial_factor, object_weight)
+                  if object_weight else None)
+        drafts.append(WindowDraft(times, observed, caption(spec), torch.from_numpy(pixel_groups(spec, times, fps, w, h)),
+                                  weight=weight))
+    return drafts
+
+
+class WorldWindowStream(torch.utils.data.IterableDataset):
+    """Endless batches of :func:`draw_world_windows`, one random stream per data loader worker."""
+
+    def __init__(self, seed: str, **draw):
+        self.seed, self.draw = seed, draw
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        rng = random.Random(f"{self.seed}/worker {worker.id if worker else 0}")
+        while True:
+            yield draw_world_windows(rng, **self.draw)
+
+
 class DiTTrainer(Trainer):
     part = "dit"
 
@@ -694,6 +758,7 @@ class DiTTrainer(Trainer):
         # Windows come from the pre-encoded clips of a latent pool when one is given (see model.latent_pool),
         # else from clips drawn and encoded on the fly.
         self.pool = LatentPool.open(args.latents, model.vae) if args.latents else None
+        self.loader = None  # the data loader's batch iterator, started at the first step (--loader-workers)
         if self.pool is not None:
             print(f"[dit] windows from {len(self.pool)} pool clips at {args.latents} "
                   f"(frame sizes {', '.join(f'{w}x{h}' for w, h in self.pool.sizes)})", flush=True)
@@ -706,11 +771,22 @@ class DiTTrainer(Trainer):
             meta["time_shift"] = self.shift
         return meta
 
-    def encode_latents(self, spec, times: list[int], fps: int, w: int, h: int) -> torch.Tensor:
-        """Latent frames at absolute indices ``times``, normalised: each encoded from just its own frames, in
-        fp32 even under autocast (the latent space is the fp32 encoder's, as in a latent pool or a render)."""
+    def encode_drafts(self, drafts: list[WindowDraft]) -> list[torch.Tensor]:
+        """The normalised latents of every draft: pool latents as they are, drawn frames encoded in one encoder
+        call per frame size, in fp32 even under autocast (the latent space is the fp32 encoder's, as in a
+        latent pool or a render)."""
+        latents: list[torch.Tensor | None] = [self.to_device(d.latents) if d.latents is not None else None
+                                              for d in drafts]
+        by_size: dict[tuple, list[int]] = {}
+        for i, d in enumerate(drafts):
+            if d.groups is not None:
+                by_size.setdefault(tuple(d.groups.shape[2:4]), []).append(i)
         with torch.autocast(self.device.type, enabled=False):
-            return self.normalise(encode_groups(self.model.vae, spec, times, fps, w, h))
+            for members in by_size.values():
+                means = encode_pixel_groups(self.model.vae, torch.cat([drafts[i].groups for i in members]))
+                for i, part in zip(members, self.normalise(means).split([len(drafts[i].times) for i in members])):
+                    latents[i] = part
+        return latents
 
     def normalise(self, means: torch.Tensor) -> torch.Tensor:
         cfg = self.model.cfg
@@ -726,50 +802,55 @@ class DiTTrainer(Trainer):
         rows = [self.text_cache[p] for p in prompts]
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows])
 
-    def loss(self):
-        windows, targets, prompts = [], [], []
-        K = self.model.cfg.dit.max_window
-        video_size = self.rng.choice(self.pool.sizes if self.pool else VIDEO_SIZES)
-        # ``--images`` single frames of fresh worlds follow the batch's video windows: a 16-frame window costs as
-        # much as 16 images but shows one world where they show 16, and a frame's layout (which shapes, which
-        # colours, how many) is what the prompt decides.
+    def draw(self) -> list[WindowDraft]:
+        """This step's windows: from the latent pool, from the data loader workers (``--loader-workers``), or
+        drawn here."""
+        cfg = self.model.cfg
+        if self.pool is None:
+            draw = dict(windows=self.args.batch, images=self.args.images, max_window=cfg.dit.max_window,
+                        spatial_factor=cfg.vae.spatial_factor, object_weight=self.args.object_weight)
+            if not self.args.loader_workers:
+                return draw_world_windows(self.rng, **draw)
+            if self.loader is None:
+                # The workers' streams are seeded by the run's seed and the step they start at, so a resumed run
+                # draws new worlds; torch gives each worker one thread, so they do not crowd the main process.
+                stream = WorldWindowStream(f"{self.args.seed}/step {self.step}", **draw)
+                self.loader = iter(torch.utils.data.DataLoader(
+                    stream, batch_size=None, num_workers=self.args.loader_workers, prefetch_factor=4,
+                    persistent_workers=True))
+            return next(self.loader)
+        video_size = self.rng.choice(self.pool.sizes)
+        drafts = []
         for b in range(self.args.batch + self.args.images):
-            # single images as one-frame videos
-            image = b >= self.args.batch or (b == 0 and self.rng.random() < 0.5)
-            if image:
-                spec = sample_world(self.rng.randrange(EVAL_SEED_BASE))
-                w, h = self.rng.choice(IMAGE_SIZES)
-                observed, latent = [], [0]
-                fps = 24
-                x0 = self.encode_latents(spec, [0], fps, w, h)
-                text = caption(spec)
-            elif self.pool is not None:
-                attrs, clip = self.pool.draw(self.rng, video_size)
-                observed, latent = sample_window(self.rng, len(clip), K)
-                x0 = self.normalise(self.to_device(torch.from_numpy(clip[sorted(observed + latent)]).float()))
-                text = attrs["caption"]
-                spec = sample_world(attrs["world_seed"]) if self.args.object_weight else None
-                fps, w, h = attrs["fps"], attrs["width"], attrs["height"]
-            else:
-                spec = sample_world(self.rng.randrange(EVAL_SEED_BASE))
-                w, h = video_size
-                fps = self.rng.choice(CLIP_FPS)
-                seconds = self.rng.choice(CLIP_SECONDS)
-                observed, latent = sample_window(self.rng, num_latents(seconds, fps), K)
-                x0 = self.encode_latents(spec, sorted(observed + latent), fps, w, h)
-                text = caption(spec)
+            if b >= self.args.batch or (b == 0 and self.rng.random() < 0.5):  # a single image of a fresh world
+                drafts += draw_world_windows(self.rng, 0, 1, cfg.dit.max_window, cfg.vae.spatial_factor,
+                                             self.args.object_weight)
+                continue
+            attrs, clip = self.pool.draw(self.rng, video_size)
+            observed, latent = sample_window(self.rng, len(clip), cfg.dit.max_window)
             times = sorted(observed + latent)
-            is_obs = torch.tensor([t in observed for t in times])
-            t = sample_training_times(1, self.shift).expand(len(times)).clone()
+            weight = None
+            if self.args.object_weight:
+                weight = object_loss_weight(sample_world(attrs["world_seed"]), times, attrs["fps"], attrs["width"],
+                                            attrs["height"], cfg.vae.spatial_factor, self.args.object_weight)
+            latents = self.normalise(torch.from_numpy(clip[times]).float())
+            drafts.append(WindowDraft(times, observed, attrs["caption"], latents=latents, weight=weight))
+        return drafts
+
+    def loss(self):
+        drafts = self.draw()
+        windows, targets, prompts = [], [], []
+        for d, x0 in zip(drafts, self.encode_drafts(drafts)):
+            is_obs = torch.tensor([t in d.observed for t in d.times])
+            t = sample_training_times(1, self.shift).expand(len(d.times)).clone()
             t[is_obs] = 0.0
             noise = video_noise(len(x0), tuple(x0.shape[1:]), self.model.cfg.flow.noise_correlation)
             is_obs, t, noise = self.to_device(is_obs, t, noise)
             xt = torch.where(is_obs[:, None, None, None], x0, noisy(x0, noise, t))
-            windows.append(FrameInputs(xt, is_obs, self.to_device(torch.tensor(times)), t))
-            weight = (self.to_device(object_loss_weight(spec, times, fps, w, h, self.model.cfg.vae.spatial_factor,
-                                                        self.args.object_weight)) if self.args.object_weight else None)
+            windows.append(FrameInputs(xt, is_obs, self.to_device(torch.tensor(d.times)), t))
+            weight = self.to_device(d.weight) if d.weight is not None else None
             targets.append((x0, noise, ~is_obs, weight))
-            prompts.append("" if self.rng.random() < self.model.cfg.flow.text_dropout else text)
+            prompts.append("" if self.rng.random() < self.model.cfg.flow.text_dropout else d.caption)
         tokens, mask, pooled = self.text(prompts)
         outs = self.model.dit(windows, tokens, mask, pooled)
         losses = [flow_loss(o, x0, n, lat, wt) for o, (x0, n, lat, wt) in zip(outs, targets)]
@@ -929,6 +1010,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-only", action="store_true",
                         help="dit: train the refine head alone (dit.refine > 0 in the run's model.json) on the "
                              "frozen, warm-started DiT")
+    parser.add_argument("--loader-workers", type=int, default=0,
+                        help="dit: worker processes that draw the clips of coming steps while this one trains "
+                             "(0: drawn between steps; the world is drawn on the CPU, a GPU step waits for it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="auto",
@@ -936,6 +1020,9 @@ def main(argv: list[str] | None = None) -> int:
                              "cuda:N")
     parser.add_argument("--minutes", type=float, default=None,
                         help="stop (and save) after this many minutes of training, even before --steps")
+    parser.add_argument("--anneal-in-time", action="store_true",
+                        help="with --minutes: the cosine learning rate runs over the time budget where that ends "
+                             "before --steps, so the run ends annealed however fast the machine is")
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--log-every", type=int, default=10)
     args = parser.parse_args(argv)
@@ -959,6 +1046,13 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--images: {args.images} must be 0 or more single images per batch")
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
         raise ValueError(f"--minutes: {args.minutes!r} must be a positive number of minutes")
+    if args.loader_workers < 0:
+        raise ValueError(f"--loader-workers: {args.loader_workers} must be 0 or more worker processes")
+    if args.loader_workers and args.latents:
+        raise ValueError("--loader-workers: windows from a latent pool (--latents) are read, not drawn; "
+                         "drop one of the two")
+    if args.anneal_in_time and args.minutes is None:
+        raise ValueError("--anneal-in-time: needs --minutes, the time budget to anneal over")
     device = resolve_device(args.device)
     if args.part == "latents":
         model, _ = build_model(args.preset, run, ("vae",))

@@ -8,6 +8,10 @@
 #
 #   MINUTES=15 STEPS=30000 BATCH=32 bash ops/train/gpu-dit.sh
 #   TEXT_STEPS=8000 MINUTES=20 bash ops/train/gpu-dit.sh     # first teach the text encoder shapes
+#   INIT=.carry/ck OBJECT_WEIGHT=1 MINUTES=20 bash ops/train/gpu-dit.sh   # go on from another exported checkpoint
+#
+# The learning rate anneals over the MINUTES where they end before STEPS (--anneal-in-time), so the run ends
+# annealed whatever the machine's speed.
 #
 # On a machine without the project's packages, prepare wheels first (../shared/tools/device-wheels.sh) and
 # carry .whl: they are installed to /tmp/site. Results go to $OUT (default ./gpu-out), small enough to bring
@@ -27,6 +31,12 @@ batch=${BATCH:-32}
 lr=${LR:-3e-4}
 device=${DEVICE:-cuda}
 prompts=${PROMPTS:-32}
+init=${INIT:-model/checkpoints/demo}  # the exported checkpoint the run starts from
+object_weight=${OBJECT_WEIGHT:-0}     # --object-weight: extra loss on the latent pixels objects cover
+save_every=${SAVE_EVERY:-500}
+# Worker processes drawing the worlds of coming steps: drawn in one process, a batch of 32 windows takes about
+# half a second of CPU, longer than the GPU step it feeds.
+loader_workers=${LOADER_WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
 images=${IMAGES:-0}  # single images of fresh worlds per batch besides the windows (--images)
 # Text encoder steps with shape variants before the DiT (0: keep the shipped text encoder). The shipped one is
 # nearly blind to shape words; 8,000 steps with --shape-variants 4 taught it shapes (MODEL_CARD.md, "Every
@@ -41,15 +51,17 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-python3 -m model.train unpack --run "$run"
+python3 -m model.train unpack --run "$run" --init-from "$init"
 if [ "$text_steps" -gt 0 ]; then
   rm "$run/text/text.safetensors"  # so that the text part warm-starts from the checkpoint with a fresh optimiser
-  python3 -m model.train text --run "$run" --init-from model/checkpoints/demo --steps "$text_steps" --lr 1e-3 \
+  python3 -m model.train text --run "$run" --init-from "$init" --steps "$text_steps" --lr 1e-3 \
     --shape-variants 4 --log-every 500 --device "$device" 2>&1 | tee "$out/train-text.txt"
   cp "$run/text/text.safetensors" "$run/text/text.json" "$out/"
 fi
-python3 -m model.train dit --run "$run" --init-from model/checkpoints/demo --steps "$steps" --batch "$batch" \
-  --images "$images" --lr "$lr" --minutes "$minutes" --save-every 500 --log-every 100 --device "$device" 2>&1 | tee "$out/train.txt"
+python3 -m model.train dit --run "$run" --init-from "$init" --steps "$steps" --batch "$batch" \
+  --images "$images" --object-weight "$object_weight" --lr "$lr" --minutes "$minutes" --anneal-in-time \
+  --loader-workers "$loader_workers" \
+  --save-every "$save_every" --log-every 100 --device "$device" 2>&1 | tee "$out/train.txt"
 cp "$run/dit/dit.safetensors" "$run/dit/dit.json" "$run/dit/log.jsonl" "$out/"
 python3 -m model.train export --run "$run" --out "$run/export"
 

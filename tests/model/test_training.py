@@ -12,11 +12,27 @@ from safetensors.torch import load_file
 
 import model.train
 from model.dit import VideoDiT
-from model.generator import Generator, Window
+from model.generator import Generator, VideoModel, Window
 from model.text import TextEncoder
-from model.train import (gradient_loss, main, object_loss_weight, object_pixel_weight, sample_window, seam_loss,
-                         shape_variants, weighted_mean)
+from model.latent_pool import encode_pixel_groups
+from model.train import (draw_world_windows, gradient_loss, lr_at, main, object_loss_weight, object_pixel_weight,
+                         run_config, sample_window, seam_loss, shape_variants, weighted_mean)
 from model.world import ObjectSpec, WorldSpec, caption, parse_caption, sample_world
+
+
+def test_a_time_budget_anneals_the_learning_rate_when_the_clock_is_ahead_of_the_steps():
+    base, warmup, total = 1e-3, 10, 10_000
+    assert lr_at(5, base, warmup, total, spent=0.9) == pytest.approx(base * 6 / 10), "warmup stays in steps"
+    by_steps = lr_at(1000, base, warmup, total)
+    assert by_steps > 0.9 * base
+    assert lr_at(1000, base, warmup, total, spent=0.01) == by_steps, "the step schedule leads while it is ahead"
+    assert lr_at(1000, base, warmup, total, spent=0.5) == pytest.approx(0.55 * base)
+    assert lr_at(1000, base, warmup, total, spent=1.0) == pytest.approx(0.1 * base), "annealed when time is up"
+
+
+def test_anneal_in_time_needs_a_time_budget(tmp_path):
+    with pytest.raises(ValueError, match="--anneal-in-time.*--minutes"):
+        main(["dit", "--run", str(tmp_path / "run"), "--preset", "tiny", "--anneal-in-time"])
 
 
 def test_training_windows_fit_the_model_and_practise_neighbouring_latents():
@@ -217,6 +233,41 @@ def test_images_add_single_frames_of_fresh_worlds_to_every_batch(tmp_path, monke
     for batch in seen:
         assert all(frames == 1 and not observed and noise > 0 for frames, observed, noise in batch[1:])
     assert json.loads((run / "dit" / "dit.json").read_text())["images"] == 3
+
+
+@pytest.mark.timeout(300)
+def test_loader_workers_draw_the_clips_in_other_processes(tmp_path, monkeypatch):
+    """`--loader-workers N` draws each step's worlds in N worker processes: the steps train on full batches of
+    distinct worlds, and the frames drawn there encode in one batched call to what each window's own call gives.
+    With a latent pool, whose windows are read rather than drawn, the option is refused before any work."""
+    run = tmp_path / "run"
+    common = ["--preset", "tiny", "--run", str(run), "--seed", "0", "--warmup", "1"]
+    assert main(["vae", *common, "--steps", "1", "--batch", "1"]) == 0
+    assert main(["text", *common, "--steps", "1", "--batch", "4"]) == 0
+    with pytest.raises(ValueError, match="--loader-workers: -1 must be 0 or more"):
+        main(["dit", *common, "--steps", "1", "--loader-workers", "-1"])
+    with pytest.raises(ValueError, match="--loader-workers: windows from a latent pool"):
+        main(["dit", *common, "--steps", "1", "--loader-workers", "2", "--latents"])
+    prompts = []
+    forward = VideoDiT.forward
+
+    def recording(self, windows, tokens, *args, **kwargs):
+        prompts.append(len(windows))
+        return forward(self, windows, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(VideoDiT, "forward", recording)
+    assert main(["dit", *common, "--steps", "3", "--batch", "3", "--images", "1", "--loader-workers", "2"]) == 0
+    assert prompts == [4, 4, 4]
+    weights = load_file(str(run / "dit" / "dit.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+    model = VideoModel(run_config("tiny", run)).eval()
+    drafts = draw_world_windows(random.Random(1), windows=3, images=0, max_window=4,
+                                spatial_factor=model.cfg.vae.spatial_factor, object_weight=0.0)
+    assert len({d.caption for d in drafts}) > 1, "every window shows a world of its own"
+    together = encode_pixel_groups(model.vae, torch.cat([d.groups for d in drafts]))
+    alone = torch.cat([encode_pixel_groups(model.vae, d.groups) for d in drafts])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
 
 
 def test_head_only_trains_the_refine_head_on_the_frozen_dit(tmp_path, capsys):
