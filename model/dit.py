@@ -299,7 +299,7 @@ class DiTBlock(nn.Module):
             k, v = attn.project_kv(xs)
             k = apply_rope(k, g.cos, g.sin)
             o = F.scaled_dot_product_attention(q, k, v)
-            out[g.index] = attn.out(o)
+            out[g.index] = attn.out(o).to(out.dtype)  # bf16 under autocast; the stream stays in its dtype
         return out
 
     def temporal(self, h: torch.Tensor, layout: Layout, cache: BlockCache | None, record: list | None):
@@ -315,7 +315,7 @@ class DiTBlock(nn.Module):
             if cache is not None:
                 k, v = cache.with_window(k, v)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask)
-            out[g.index] = attn.out(o)
+            out[g.index] = attn.out(o).to(out.dtype)  # bf16 under autocast; the stream stays in its dtype
         return out
 
     def cross(self, h: torch.Tensor, layout: Layout, text_kv, text_mask: torch.Tensor) -> torch.Tensor:
@@ -326,7 +326,7 @@ class DiTBlock(nn.Module):
             q = attn.project_q(h[g.index])  # (n_frames, H, N, hd)
             mask = text_mask[win][:, None, None, :]  # (n_frames, 1, 1, L)
             o = F.scaled_dot_product_attention(q, k_all[win], v_all[win], attn_mask=mask)
-            out[g.index] = attn.out(o)
+            out[g.index] = attn.out(o).to(out.dtype)  # bf16 under autocast; the stream stays in its dtype
         return out
 
 
