@@ -72,6 +72,7 @@ class TemporalGroup:
     positions: int
     cached_cos: torch.Tensor | None = None  # rope of the observed frames held in the cache
     cached_sin: torch.Tensor | None = None
+    valid: torch.Tensor | None = None  # (S, F) bool: which entries are real frames, in a group padded to F
 
 
 @dataclass
@@ -115,8 +116,14 @@ def temporal_mask(observed: torch.Tensor, times: torch.Tensor, causal: bool,
 
 def build_layout(shapes: list[tuple[int, int, int]], observed: list[torch.Tensor], times: list[torch.Tensor],
                  causal: bool, head_dim: int, cfg: DiTConfig, device,
-                 cached_times: torch.Tensor | None = None) -> Layout:
-    """Token order: window by window, frame by frame, row-major patches. shapes[i] = (frames, rows, cols)."""
+                 cached_times: torch.Tensor | None = None, pad_windows: bool = False) -> Layout:
+    """Token order: window by window, frame by frame, row-major patches. shapes[i] = (frames, rows, cols).
+
+    Temporal attention runs once per group of windows with the same frame count and visibility; with
+    ``pad_windows`` (no cache) windows of the same frame size share one group instead, shorter ones padded with
+    keys nobody sees. A training batch of varied windows then costs one attention call per block rather than
+    one per window pattern (about 60 calls of a few milliseconds each, at batch 64 on a GPU).
+    """
     frame_of_token, window_of_frame = [], []
     spatial: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (rows, cols) -> [(frame, first token)]
     temporal: dict[tuple, list[tuple[int, int, torch.Tensor, torch.Tensor | None]]] = {}
@@ -143,6 +150,13 @@ def build_layout(shapes: list[tuple[int, int, int]], observed: list[torch.Tensor
         index = first[:, None] + torch.arange(n, device=device)[None]
         cos, sin = spatial_rope(h, wd, head_dim, cfg.rope_theta_space, device)
         layout.spatial.append(SpatialGroup(index, torch.tensor([fr for fr, _ in items], device=device), cos, sin))
+    if pad_windows and cached_times is None:
+        by_positions: dict[int, list] = {}
+        for (f, n, _), items in temporal.items():
+            by_positions.setdefault(n, []).extend((f, *item) for item in items)
+        layout.temporal.extend(padded_temporal_group(items, n, head_dim, cfg, device)
+                               for n, items in by_positions.items())
+        return layout
     for (f, n, _), items in temporal.items():
         # Frame k of a window starts at token first + k * n; position p adds p.
         first = torch.tensor([t for t, _, _, _ in items], dtype=torch.long, device=device)
@@ -163,6 +177,33 @@ def build_layout(shapes: list[tuple[int, int, int]], observed: list[torch.Tensor
     return layout
 
 
+def padded_temporal_group(items: list, n: int, head_dim: int, cfg: DiTConfig, device) -> TemporalGroup:
+    """One temporal group of windows of ``n`` positions per frame and any frame counts, padded to the longest.
+
+    ``items``: (frames, first token, window, times, visibility or None) per window. A padded entry gathers the
+    window's first token and is never a visible key; a padded query sees the first key alone (its output is
+    dropped), so no attention row is empty.
+    """
+    fmax = max(item[0] for item in items)
+    frames = torch.tensor([item[0] for item in items])
+    k = torch.arange(fmax)
+    valid = k[None] < frames[:, None]  # (W, F)
+    first = torch.tensor([item[1] for item in items], dtype=torch.long)
+    index = first[:, None, None] + torch.arange(n)[None, :, None] + (k * n)[None, None, :]  # (W, n, F)
+    index = torch.where(valid[:, None, :], index, first[:, None, None])
+    times = torch.zeros(len(items), fmax, dtype=items[0][3].dtype)
+    visible = torch.zeros(len(items), fmax, fmax, dtype=torch.bool)
+    for w, (f, _, _, tm, mask) in enumerate(items):
+        times[w, :f] = tm
+        visible[w, :f, :f] = True if mask is None else mask
+        visible[w, f:, 0] = True
+    cos, sin = rope_angles(times.to(device), head_dim, cfg.rope_theta_time)  # (W, F, hd/2)
+    every = bool(valid.all()) and all(item[4] is None for item in items)
+    return TemporalGroup(index.reshape(-1, fmax).to(device), cos.repeat_interleave(n, 0), sin.repeat_interleave(n, 0),
+                         None if every else visible.repeat_interleave(n, 0)[:, None].to(device), len(items), n,
+                         valid=None if every else valid.repeat_interleave(n, 0).to(device))
+
+
 def block_diagonal_mask(layout: Layout, kind: str) -> torch.Tensor:
     """Dense (L, L) boolean mask equivalent to the grouped attention of ``kind`` ('spatial' or 'temporal')."""
     mask = torch.zeros(layout.num_tokens, layout.num_tokens, dtype=torch.bool)
@@ -174,6 +215,9 @@ def block_diagonal_mask(layout: Layout, kind: str) -> torch.Tensor:
         for g in layout.temporal:
             for s, row in enumerate(g.index.cpu()):
                 vis = torch.ones(len(row), len(row), dtype=torch.bool) if g.mask is None else g.mask[s, 0].cpu()
+                if g.valid is not None:  # a padded group: only the real frames
+                    real = g.valid[s].cpu()
+                    row, vis = row[real], vis[real][:, real]
                 mask[row[:, None], row[None, :]] = vis
     return mask
 
@@ -315,7 +359,11 @@ class DiTBlock(nn.Module):
             if cache is not None:
                 k, v = cache.with_window(k, v)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask)
-            out[g.index] = attn.out(o).to(out.dtype)  # bf16 under autocast; the stream stays in its dtype
+            o = attn.out(o).to(out.dtype)  # bf16 under autocast; the stream stays in its dtype
+            if g.valid is None:
+                out[g.index] = o
+            else:
+                out[g.index[g.valid]] = o[g.valid]
         return out
 
     def cross(self, h: torch.Tensor, layout: Layout, text_kv, text_mask: torch.Tensor) -> torch.Tensor:
@@ -504,7 +552,8 @@ class VideoDiT(nn.Module):
         device = windows[0].frames.device
         layout = build_layout(shapes, [w.observed.cpu() for w in windows], [w.times.cpu() for w in windows],
                               causal, self.head_dim, self.cfg, device,
-                              cached_times=None if cache is None else cache.times.cpu())
+                              cached_times=None if cache is None else cache.times.cpu(),
+                              pad_windows=self.training and cache is None and record is None)
         x = self.patch_embed(torch.cat([self.patchify(w.frames, w.observed) for w in windows]).to(self.patch_embed.weight.dtype))
         c = self._conditioning(windows, text_pooled)  # (F_total, D)
         text_kv = cache.text_kv if cache is not None else self.text_context(text_tokens)

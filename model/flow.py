@@ -39,16 +39,16 @@ def noisy(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tenso
 
 
 def video_noise(frames: int, shape: tuple[int, ...], correlation: float, *, own: torch.Generator | None = None,
-                shared: torch.Generator | None = None) -> torch.Tensor:
+                shared: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Noise (frames, *shape) of unit variance per element: each frame's own noise mixed with one field common
     to all (``correlation`` is the common share of the variance; see ``FlowConfig.noise_correlation``).
 
     ``own`` draws first, so with ``correlation == 0`` the result is exactly ``torch.randn`` from ``own``.
     Sampling a long video passes the same ``shared`` seed to every window, so all its frames share the field.
     """
-    noise = torch.randn((frames, *shape), generator=own)
+    noise = torch.randn((frames, *shape), generator=own, device=device)
     if correlation > 0:
-        common = torch.randn((1, *shape), generator=shared)
+        common = torch.randn((1, *shape), generator=shared, device=device)
         noise = correlation ** 0.5 * common + (1.0 - correlation) ** 0.5 * noise
     return noise
 

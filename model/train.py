@@ -844,8 +844,9 @@ class DiTTrainer(Trainer):
             is_obs = torch.tensor([t in d.observed for t in d.times])
             t = sample_training_times(1, self.shift).expand(len(d.times)).clone()
             t[is_obs] = 0.0
-            noise = video_noise(len(x0), tuple(x0.shape[1:]), self.model.cfg.flow.noise_correlation)
-            is_obs, t, noise = self.to_device(is_obs, t, noise)
+            # drawn where the step runs: thousands of small CPU draws a step held a GPU step back
+            noise = video_noise(len(x0), tuple(x0.shape[1:]), self.model.cfg.flow.noise_correlation, device=x0.device)
+            is_obs, t = self.to_device(is_obs, t)
             xt = torch.where(is_obs[:, None, None, None], x0, noisy(x0, noise, t))
             windows.append(FrameInputs(xt, is_obs, self.to_device(torch.tensor(d.times)), t))
             weight = self.to_device(d.weight) if d.weight is not None else None

@@ -30,7 +30,7 @@ steps=${STEPS:-30000}
 batch=${BATCH:-32}
 lr=${LR:-3e-4}
 device=${DEVICE:-cuda}
-prompts=${PROMPTS:-32}
+prompts=${PROMPTS:-32}  # held-out prompts to score (0: score elsewhere)
 init=${INIT:-model/checkpoints/demo}  # the exported checkpoint the run starts from
 object_weight=${OBJECT_WEIGHT:-0}     # --object-weight: extra loss on the latent pixels objects cover
 save_every=${SAVE_EVERY:-500}
@@ -64,6 +64,7 @@ python3 -m model.train dit --run "$run" --init-from "$init" --steps "$steps" --b
   --save-every "$save_every" --log-every 100 --device "$device" 2>&1 | tee "$out/train.txt"
 cp "$run/dit/dit.safetensors" "$run/dit/dit.json" "$run/dit/log.jsonl" "$out/"
 python3 -m model.train export --run "$run" --out "$run/export"
+[ "$prompts" -gt 0 ] || exit 0
 
 python3 - "$run/export" "$prompts" "$device" > "$out/window.json" <<'PY'
 import json, sys

@@ -67,6 +67,7 @@ PACKED = [
     dict(times=[7], observed=[False], rows=6, cols=4, seed=4),
     dict(times=[0, 40, 20, 60], observed=[True, True, False, False], rows=2, cols=2, seed=5),
     dict(times=[5, 9, 7, 11], observed=[True, True, False, False], rows=2, cols=2, seed=6),
+    dict(times=[2, 6], observed=[False, False], rows=8, cols=8, seed=7),
 ]
 
 
@@ -85,18 +86,25 @@ def test_packed_forward_equals_separate_forwards(dit, causal):
 def per_token_rope(layout, kind: str, half: int) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = torch.zeros(layout.num_tokens, half), torch.zeros(layout.num_tokens, half)
     for g in getattr(layout, kind):
-        cos[g.index], sin[g.index] = g.cos, g.sin
+        if getattr(g, "valid", None) is None:
+            cos[g.index], sin[g.index] = g.cos, g.sin
+        else:  # a padded temporal group: the real frames only
+            cos[g.index[g.valid]], sin[g.index[g.valid]] = g.cos[g.valid], g.sin[g.valid]
     return cos, sin
 
 
-@pytest.mark.parametrize("kind", ["spatial", "temporal"])
+@pytest.mark.parametrize("kind,pad", [("spatial", False), ("temporal", False), ("temporal", True)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_grouped_attention_equals_dense_block_diagonal_attention(dit, kind, causal):
-    """Each block's grouped attention is one dense attention over the packed sequence with the dense mask."""
+def test_grouped_attention_equals_dense_block_diagonal_attention(dit, kind, pad, causal):
+    """Each block's grouped attention is one dense attention over the packed sequence with the dense mask; so
+    is the temporal attention of windows padded into one group (as in training)."""
     windows = [window(**w) for w in PACKED]
     shapes = [(len(w.times), w.frames.shape[2] // 2, w.frames.shape[3] // 2) for w in windows]
     layout = build_layout(shapes, [w.observed for w in windows], [w.times for w in windows], causal,
-                          dit.head_dim, CFG, "cpu")
+                          dit.head_dim, CFG, "cpu", pad_windows=pad)
+    if pad:
+        assert len(layout.temporal) < len(build_layout(shapes, [w.observed for w in windows], [w.times for w in windows],
+                                                       causal, dit.head_dim, CFG, "cpu").temporal)
     block = dit.blocks[0]
     h = torch.randn(layout.num_tokens, CFG.hidden, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
