@@ -685,19 +685,32 @@ def object_loss_weight(spec, times: list[int], fps: int, width: int, height: int
 
 @dataclass
 class WindowDraft:
-    """One training window as drawn on the CPU, before its frames are encoded: the video frames of its latent
-    frames (``groups``, uint8 (n, 4, H, W, 3)) or, from a latent pool, the latents themselves (``latents``,
-    normalised (n, C, h, w)); which of its latent frames are observed; the caption; the object loss weight."""
+    """One training window as drawn on the CPU, before its frames are encoded: which latent frames it holds and
+    which of them are observed, its caption and object loss weight, and where its latents come from: rows
+    ``rows`` of its batch's pixel groups of frame size ``size``, or, from a latent pool, ``latents`` themselves
+    (normalised (n, C, h, w))."""
     times: list[int]
     observed: list[int]
     caption: str
-    groups: torch.Tensor | None = None
+    size: tuple[int, int] | None = None  # (height, width) of the frames in the batch's pixel groups
+    rows: int = 0  # the first of its len(times) rows there
     latents: torch.Tensor | None = None
     weight: torch.Tensor | None = None
 
 
+@dataclass
+class DraftBatch:
+    """A step's windows and their video frames: one uint8 tensor (n, 4, H, W, 3) of pixel groups per frame size,
+    so that a batch crosses from a data loader worker as a few large tensors and encodes in one call per size."""
+    windows: list[WindowDraft]
+    pixels: dict[tuple[int, int], torch.Tensor]
+
+    def pin_memory(self) -> "DraftBatch":  # the data loader's pinning thread calls this
+        return DraftBatch(self.windows, {size: groups.pin_memory() for size, groups in self.pixels.items()})
+
+
 def draw_world_windows(rng: random.Random, windows: int, images: int, max_window: int, spatial_factor: int,
-                       object_weight: float) -> list[WindowDraft]:
+                       object_weight: float) -> DraftBatch:
     """A batch of ``windows`` video windows of fresh worlds, of one frame size, then ``images`` single images:
     the whole CPU side of a DiT step on clips drawn on the fly (the world drawn with numpy), so that it can run
     ahead in data loader workers while the GPU trains.
@@ -706,7 +719,7 @@ def draw_world_windows(rng: random.Random, windows: int, images: int, max_window
     where they show 16, and a frame's layout (which shapes, which colours, how many) is what the prompt decides.
     """
     video_size = rng.choice(VIDEO_SIZES)
-    drafts = []
+    drafts, groups = [], {}
     for b in range(windows + images):
         spec = sample_world(rng.randrange(EVAL_SEED_BASE))
         if b >= windows or (b == 0 and rng.random() < 0.5):  # single images as one-frame videos
@@ -717,13 +730,15 @@ def draw_world_windows(rng: random.Random, windows: int, images: int, max_window
         times = sorted(observed + latent)
         weight = (object_loss_weight(spec, times, fps, w, h, spatial_factor, object_weight)
                   if object_weight else None)
-        drafts.append(WindowDraft(times, observed, caption(spec), torch.from_numpy(pixel_groups(spec, times, fps, w, h)),
-                                  weight=weight))
-    return drafts
+        same_size = groups.setdefault((h, w), [])
+        drafts.append(WindowDraft(times, observed, caption(spec), size=(h, w),
+                                  rows=sum(len(g) for g in same_size), weight=weight))
+        same_size.append(pixel_groups(spec, times, fps, w, h))
+    return DraftBatch(drafts, {size: torch.from_numpy(np.concatenate(parts)) for size, parts in groups.items()})
 
 
 class WorldWindowStream(torch.utils.data.IterableDataset):
-    """Endless batches of :func:`draw_world_windows`, one random stream per data loader worker."""
+    """Endless :class:`DraftBatch` es of :func:`draw_world_windows`, one random stream per data loader worker."""
 
     def __init__(self, seed: str, **draw):
         self.seed, self.draw = seed, draw
@@ -771,22 +786,15 @@ class DiTTrainer(Trainer):
             meta["time_shift"] = self.shift
         return meta
 
-    def encode_drafts(self, drafts: list[WindowDraft]) -> list[torch.Tensor]:
-        """The normalised latents of every draft: pool latents as they are, drawn frames encoded in one encoder
+    def encode_drafts(self, batch: DraftBatch) -> list[torch.Tensor]:
+        """The normalised latents of every window: pool latents as they are, drawn frames encoded in one encoder
         call per frame size, in fp32 even under autocast (the latent space is the fp32 encoder's, as in a
         latent pool or a render)."""
-        latents: list[torch.Tensor | None] = [self.to_device(d.latents) if d.latents is not None else None
-                                              for d in drafts]
-        by_size: dict[tuple, list[int]] = {}
-        for i, d in enumerate(drafts):
-            if d.groups is not None:
-                by_size.setdefault(tuple(d.groups.shape[2:4]), []).append(i)
         with torch.autocast(self.device.type, enabled=False):
-            for members in by_size.values():
-                means = encode_pixel_groups(self.model.vae, torch.cat([drafts[i].groups for i in members]))
-                for i, part in zip(members, self.normalise(means).split([len(drafts[i].times) for i in members])):
-                    latents[i] = part
-        return latents
+            encoded = {size: self.normalise(encode_pixel_groups(self.model.vae, groups))
+                       for size, groups in batch.pixels.items()}
+        return [self.to_device(d.latents) if d.latents is not None else
+                encoded[d.size][d.rows:d.rows + len(d.times)] for d in batch.windows]
 
     def normalise(self, means: torch.Tensor) -> torch.Tensor:
         cfg = self.model.cfg
@@ -802,7 +810,7 @@ class DiTTrainer(Trainer):
         rows = [self.text_cache[p] for p in prompts]
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows])
 
-    def draw(self) -> list[WindowDraft]:
+    def draw(self) -> DraftBatch:
         """This step's windows: from the latent pool, from the data loader workers (``--loader-workers``), or
         drawn here."""
         cfg = self.model.cfg
@@ -817,15 +825,12 @@ class DiTTrainer(Trainer):
                 stream = WorldWindowStream(f"{self.args.seed}/step {self.step}", **draw)
                 self.loader = iter(torch.utils.data.DataLoader(
                     stream, batch_size=None, num_workers=self.args.loader_workers, prefetch_factor=4,
-                    persistent_workers=True))
+                    persistent_workers=True, pin_memory=self.device.type == "cuda"))
             return next(self.loader)
         video_size = self.rng.choice(self.pool.sizes)
         drafts = []
-        for b in range(self.args.batch + self.args.images):
-            if b >= self.args.batch or (b == 0 and self.rng.random() < 0.5):  # a single image of a fresh world
-                drafts += draw_world_windows(self.rng, 0, 1, cfg.dit.max_window, cfg.vae.spatial_factor,
-                                             self.args.object_weight)
-                continue
+        images = self.args.images + (self.rng.random() < 0.5)  # the batch's first window is an image half the time
+        for _ in range(self.args.batch + self.args.images - images):
             attrs, clip = self.pool.draw(self.rng, video_size)
             observed, latent = sample_window(self.rng, len(clip), cfg.dit.max_window)
             times = sorted(observed + latent)
@@ -835,12 +840,14 @@ class DiTTrainer(Trainer):
                                             attrs["height"], cfg.vae.spatial_factor, self.args.object_weight)
             latents = self.normalise(torch.from_numpy(clip[times]).float())
             drafts.append(WindowDraft(times, observed, attrs["caption"], latents=latents, weight=weight))
-        return drafts
+        fresh = draw_world_windows(self.rng, 0, images, cfg.dit.max_window, cfg.vae.spatial_factor,
+                                   self.args.object_weight)  # single images of fresh worlds
+        return DraftBatch(drafts + fresh.windows, fresh.pixels)
 
     def loss(self):
-        drafts = self.draw()
+        batch = self.draw()
         windows, targets, prompts = [], [], []
-        for d, x0 in zip(drafts, self.encode_drafts(drafts)):
+        for d, x0 in zip(batch.windows, self.encode_drafts(batch)):
             is_obs = torch.tensor([t in d.observed for t in d.times])
             t = sample_training_times(1, self.shift).expand(len(d.times)).clone()
             t[is_obs] = 0.0

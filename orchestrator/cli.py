@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dashboard", action="store_true")
     c.add_argument("--json", action="store_true")
 
-    for name, help_text in (("bench", "benchmarks: dit | orchestration | render"), ("train", "train models"),
+    for name, help_text in (("bench", "benchmarks: dit | orchestration | render | train"), ("train", "train models"),
                             ("eval", "evaluate renders")):
         d = sub.add_parser(name, help=help_text, add_help=False)
         d.add_argument("args", nargs=argparse.REMAINDER)
@@ -245,15 +245,15 @@ def _run_script(path: Path, argv: list[str], what: str) -> int:
 def _cmd_bench(args) -> int:
     argv = list(args.args)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: longshot bench {dit,orchestration,render} [options]", file=sys.stderr)
+        print("usage: longshot bench {dit,orchestration,render,train} [options]", file=sys.stderr)
         return EXIT_OK if argv else EXIT_BAD_INPUT
     which, rest = argv[0], argv[1:]
     if which == "dit":
         return _delegate("model.bench", "main", rest, "the DiT benchmark")
-    if which in ("orchestration", "render"):
+    if which in ("orchestration", "render", "train"):
         root = Path(__file__).resolve().parent.parent
         return _run_script(root / "ops" / "bench" / f"bench_{which}.py", rest, f"the {which} benchmark")
-    raise _UsageError(f"longshot bench: unknown benchmark {which!r}; choose dit, orchestration or render")
+    raise _UsageError(f"longshot bench: unknown benchmark {which!r}; choose dit, orchestration, render or train")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,3 +77,15 @@ def test_delegating_subcommands(capsys):
         main(["bench", "orchestration", "--help"])
     assert info.value.code == 0
     assert "--workers" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(300)
+def test_training_benchmark_times_real_steps_of_the_shipped_dit(tmp_path, capsys):
+    """`longshot bench train` trains the shipped DiT for a few steps and reports the rate its log shows."""
+    out = tmp_path / "train.json"
+    assert main(["bench", "train", "--batch", "1", "--warmup", "1", "--steps", "2", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["steps_timed"] == 2 and report["device"].startswith("cpu")
+    assert report["steps_per_s"] > 0
+    assert report["windows_per_s"] == pytest.approx(report["steps_per_s"], abs=0.06), "one window a step"

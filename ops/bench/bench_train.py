@@ -1,0 +1,92 @@
+"""DiT training throughput: steps and windows a second of `longshot train dit`, and where a step's time goes.
+
+Trains the shipped checkpoint's DiT (or --init-from's) on clips drawn on the fly, as `ops/train/gpu-dit.sh`
+does, in a temporary run: the first --warmup steps (data loader start, kernel choice, caches) are left out,
+the next --steps timed from the run's own log. With --profile, the torch profiler's table of the costliest
+operators follows (by GPU time on a GPU, else CPU time), to tell a step waiting for its data from a step
+waiting for its kernels.
+
+Run:  python ops/bench/bench_train.py [--batch 64] [--loader-workers 14] [--steps 30] [--device auto] [--profile]
+  or: longshot bench train ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from model import Generator
+    from model import train
+
+    parser = argparse.ArgumentParser(prog="longshot bench train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--init-from", help="checkpoint directory (default: the shipped demo checkpoint)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--images", type=int, default=0)
+    parser.add_argument("--object-weight", type=float, default=1.0)
+    parser.add_argument("--loader-workers", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
+    parser.add_argument("--steps", type=int, default=20, help="steps timed")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads of the training process")
+    parser.add_argument("--profile", action="store_true", help="print the torch profiler's operator table")
+    parser.add_argument("--out", help="write the JSON report here as well as to stdout")
+    args = parser.parse_args(argv)
+
+    source = args.init_from or Generator.default_checkpoint()
+    if source is None:
+        print("longshot bench train: the demo checkpoint is not installed; pass --init-from a checkpoint directory",
+              file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="longshot-bench-train-") as tmp:
+        run = Path(tmp) / "run"
+        train.main(["unpack", "--run", str(run), "--init-from", str(source)])
+        command = ["dit", "--run", str(run), "--init-from", str(source), "--steps", str(args.warmup + args.steps),
+                   "--batch", str(args.batch), "--images", str(args.images), "--object-weight",
+                   str(args.object_weight), "--loader-workers", str(args.loader_workers), "--device", args.device,
+                   "--log-every", "1", "--save-every", str(10 ** 9)]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        profiler = None
+        if args.profile:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available() and args.device != "cpu":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            profiler = torch.profiler.profile(activities=activities)
+            profiler.start()
+        train.main(command)
+        if profiler is not None:
+            profiler.stop()
+        log = [json.loads(line) for line in (run / "dit" / "log.jsonl").read_text().splitlines()]
+        device = json.loads((run / "dit" / "dit.json").read_text())["compute"][-1]["device"]
+    timed = [r for r in log if r["step"] > args.warmup]
+    seconds = timed[-1]["time"] - log[args.warmup - 1]["time"] if args.warmup else timed[-1]["time"]
+    report = {
+        "device": device,
+        "batch": args.batch,
+        "images": args.images,
+        "loader_workers": args.loader_workers,
+        "steps_timed": len(timed),
+        "seconds": round(seconds, 2),
+        "steps_per_s": round(len(timed) / seconds, 3),
+        "windows_per_s": round(len(timed) * (args.batch + args.images) / seconds, 1),
+    }
+    if profiler is not None:
+        on_gpu = any(a == torch.profiler.ProfilerActivity.CUDA for a in profiler.activities)
+        print(profiler.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total",
+                                            row_limit=25))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
