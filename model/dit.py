@@ -222,6 +222,13 @@ def block_diagonal_mask(layout: Layout, kind: str) -> torch.Tensor:
     return mask
 
 
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` for a tensor of token indices, through ``index_select``: the same values, but its backward
+    pass adds the gradients back with one ``index_add`` where advanced indexing sorts the indices first (on a
+    GPU, many milliseconds a call over a training batch's tokens)."""
+    return x.index_select(0, index.reshape(-1)).unflatten(0, index.shape)
+
+
 # ----------------------------------------------------------------------------------------------- modules
 class TimestepEmbedder(nn.Module):
     """Noise level t in [0, 1] -> vector, through sinusoidal features and an MLP (as in DiT)."""
@@ -338,7 +345,7 @@ class DiTBlock(nn.Module):
     def spatial(self, h: torch.Tensor, layout: Layout) -> torch.Tensor:
         attn, out = self.spatial_attn, torch.empty_like(h)
         for g in layout.spatial:
-            xs = h[g.index]  # (n_frames, N, D)
+            xs = gather_tokens(h, g.index)  # (n_frames, N, D)
             q = apply_rope(attn.project_q(xs), g.cos, g.sin)  # (n_frames, H, N, hd)
             k, v = attn.project_kv(xs)
             k = apply_rope(k, g.cos, g.sin)
@@ -349,7 +356,7 @@ class DiTBlock(nn.Module):
     def temporal(self, h: torch.Tensor, layout: Layout, cache: BlockCache | None, record: list | None):
         attn, out = self.temporal_attn, torch.empty_like(h)
         for gi, g in enumerate(layout.temporal):
-            xs = h[g.index]  # (S, F, D)
+            xs = gather_tokens(h, g.index)  # (S, F, D)
             cos, sin = g.cos[:, None], g.sin[:, None]  # broadcast over heads
             q = apply_rope(attn.project_q(xs), cos, sin)  # (S, H, F, hd)
             k, v = attn.project_kv(xs)
@@ -371,7 +378,7 @@ class DiTBlock(nn.Module):
         k_all, v_all = text_kv  # (W, H, L, hd)
         for g in layout.spatial:
             win = layout.window_of_frame[g.frames]
-            q = attn.project_q(h[g.index])  # (n_frames, H, N, hd)
+            q = attn.project_q(gather_tokens(h, g.index))  # (n_frames, H, N, hd)
             mask = text_mask[win][:, None, None, :]  # (n_frames, 1, 1, L)
             o = F.scaled_dot_product_attention(q, k_all[win], v_all[win], attn_mask=mask)
             out[g.index] = attn.out(o).to(out.dtype)  # bf16 under autocast; the stream stays in its dtype
@@ -558,10 +565,10 @@ class VideoDiT(nn.Module):
         c = self._conditioning(windows, text_pooled)  # (F_total, D)
         text_kv = cache.text_kv if cache is not None else self.text_context(text_tokens)
         for i, block in enumerate(self.blocks):
-            mod = self.ada[i](c)[layout.frame_of_token]  # (L, 9D)
+            mod = gather_tokens(self.ada[i](c), layout.frame_of_token)  # (L, 9D)
             x = block(x, mod, layout, text_kv[i], text_mask,
                       cache=None if cache is None else cache.blocks[i], record=record)
-        features = self.final.features(x, c[layout.frame_of_token])
+        features = self.final.features(x, gather_tokens(c, layout.frame_of_token))
         x = self.final.linear(features)
         outs, start = [], 0
         for (f, h, w), win in zip(shapes, windows):
