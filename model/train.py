@@ -48,9 +48,8 @@ from model.config import ModelConfig, get_preset, preset_names
 from model.dit import FrameInputs
 from model.flow import flow_loss, noisy, sample_training_times, video_noise
 from model.generator import CONFIG_FILE, WEIGHTS_FILE, Generator, VideoModel, _quiet_open_clip
-from model.latent_pool import (CLIP_FPS, CLIP_SECONDS, LatentPool, build_pool, encode_groups, encode_pixel_groups,
-                                latent_object_mask, pixel_groups,
-                               num_latents, to_pixels)
+from model.latent_pool import (CLIP_FPS, CLIP_SECONDS, LatentPool, build_pool, encode_pixel_groups, latent_object_mask,
+                               num_latents, pixel_groups, to_pixels)
 from model.vae import Decoder
 from model.world import EVAL_SEED_BASE, SHAPES, caption, object_mask, render_frames, sample_world
 
