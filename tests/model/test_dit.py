@@ -100,11 +100,11 @@ def test_grouped_attention_equals_dense_block_diagonal_attention(dit, kind, pad,
     is the temporal attention of windows padded into one group (as in training)."""
     windows = [window(**w) for w in PACKED]
     shapes = [(len(w.times), w.frames.shape[2] // 2, w.frames.shape[3] // 2) for w in windows]
-    layout = build_layout(shapes, [w.observed for w in windows], [w.times for w in windows], causal,
-                          dit.head_dim, CFG, "cpu", pad_windows=pad)
+    observed, times = [w.observed for w in windows], [w.times for w in windows]
+    layout = build_layout(shapes, observed, times, causal, dit.head_dim, CFG, "cpu", pad_windows=pad)
     if pad:
-        assert len(layout.temporal) < len(build_layout(shapes, [w.observed for w in windows], [w.times for w in windows],
-                                                       causal, dit.head_dim, CFG, "cpu").temporal)
+        unpadded = build_layout(shapes, observed, times, causal, dit.head_dim, CFG, "cpu")
+        assert len(layout.temporal) < len(unpadded.temporal)
     block = dit.blocks[0]
     h = torch.randn(layout.num_tokens, CFG.hidden, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
