@@ -749,6 +749,9 @@ class WorldWindowStream(torch.utils.data.IterableDataset):
             yield draw_world_windows(rng, **self.draw)
 
 
+TEXT_CACHE_LIMIT = 20_000  # captions whose text encoding a DiT run keeps (a pool's few hundred always fit)
+
+
 class DiTTrainer(Trainer):
     part = "dit"
 
@@ -803,6 +806,9 @@ class DiTTrainer(Trainer):
     def text(self, prompts: list[str]):
         missing = [p for p in prompts if p not in self.text_cache]
         if missing:
+            # Worlds drawn on the fly rarely repeat a caption: a bounded cache keeps a long GPU run's memory flat.
+            if len(self.text_cache) + len(missing) > TEXT_CACHE_LIMIT:
+                self.text_cache.clear()
             emb = self.model.text.encode(missing)
             for i, p in enumerate(missing):
                 self.text_cache[p] = (emb.tokens[i], emb.mask[i], emb.pooled[i])
@@ -823,7 +829,7 @@ class DiTTrainer(Trainer):
                 # draws new worlds; torch gives each worker one thread, so they do not crowd the main process.
                 stream = WorldWindowStream(f"{self.args.seed}/step {self.step}", **draw)
                 self.loader = iter(torch.utils.data.DataLoader(
-                    stream, batch_size=None, num_workers=self.args.loader_workers, prefetch_factor=4,
+                    stream, batch_size=None, num_workers=self.args.loader_workers, prefetch_factor=2,
                     persistent_workers=True, pin_memory=self.device.type == "cuda"))
             return next(self.loader)
         video_size = self.rng.choice(self.pool.sizes)
