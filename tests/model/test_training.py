@@ -262,14 +262,14 @@ def test_loader_workers_draw_the_clips_in_other_processes(tmp_path, monkeypatch)
     weights = load_file(str(run / "dit" / "dit.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
 
-    model = VideoModel(run_config("tiny", run)).eval()
+    video_model = VideoModel(run_config("tiny", run)).eval()
     batch = draw_world_windows(random.Random(1), windows=3, images=2, max_window=4,
-                               spatial_factor=model.cfg.vae.spatial_factor, object_weight=0.0)
+                               spatial_factor=video_model.cfg.vae.spatial_factor, object_weight=0.0)
     assert len({d.caption for d in batch.windows}) > 1, "every window shows a world of its own"
     assert sum(len(g) for g in batch.pixels.values()) == sum(len(d.times) for d in batch.windows)
     size, groups = next(iter(batch.pixels.items()))
-    together = encode_pixel_groups(model.vae, groups)
-    alone = torch.cat([encode_pixel_groups(model.vae, groups[d.rows:d.rows + len(d.times)])
+    together = encode_pixel_groups(video_model.vae, groups)
+    alone = torch.cat([encode_pixel_groups(video_model.vae, groups[d.rows:d.rows + len(d.times)])
                        for d in batch.windows if d.size == size])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
 
