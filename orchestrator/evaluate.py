@@ -17,6 +17,9 @@ Metrics (:func:`evaluate_video`):
 * **seams** - mean frame-to-frame difference at task and segment boundaries over the median difference
   elsewhere (1.0 = invisible);
 * **colour drift** - CIE76 delta E between the background colour of the first and of the last second;
+* **motion adherence** - share of the prompted objects whose track over the first ``MOTION_SECONDS`` shows the
+  prompted motion (resting, bouncing, drifting in the named direction, orbiting; :func:`judge_motion`), taken
+  from the prompted colour alone, so that a blob of the right colour but the wrong shape still shows its motion;
 * VAE reconstruction PSNR on held-out world clips (:func:`vae_psnr`), and the VAE's ceiling: adherence and seams
   of its reconstruction of each prompt's own world video (:func:`reconstruction_ceiling`).
 
@@ -73,6 +76,18 @@ WINDOW_SECONDS = 3.0
 WRAP_WINDOW_SECONDS = 8.0
 WRAP_VISIBLE_SHARE = 0.45
 PRESENCE_QUORUM = 0.5
+# Motion: judged over the first MOTION_SECONDS from the prompted colour's centre, sampled MOTION_RATE times a
+# second, as velocities over spans of MOTION_SPAN seconds (see judge_motion).
+MOTION_SECONDS = 6.0
+MOTION_RATE = 6.0
+MOTION_SPAN = 1.0
+# The world's slowest moving object covers 0.06 frame fractions a second (an orbit of radius 0.12 at 0.5 rad/s);
+# a still one drawn by a model wobbles by a pixel or two (~0.02 of a 128-pixel frame).
+REST_SPEED = 0.04
+# Wrap-around objects move at 0.25-0.45 frame fractions a second along their direction.
+DRIFT_SPEED = 0.12
+# Spans longer than this were a wrap-around re-entry or a jump between two blobs, not motion.
+MOTION_JUMP = 0.5
 # The evaluation prompts are the captions of these worlds, far above the training seeds.
 PROMPT_SEED_BASE = world.EVAL_SEED_BASE
 VAE_CLIP_SEED_BASE = world.EVAL_SEED_BASE + 500_000
@@ -374,6 +389,75 @@ def _match_ground_truth(prompted: list[dict], truth: Sequence[dict]) -> list[set
     return frames_of
 
 
+def _colour_centres(detections: Mapping[int, FrameDetections], frames: Sequence[int], colour: str, width: int,
+                    height: int) -> dict[int, tuple[float, float]]:
+    """Frame -> area-weighted centre (frame fractions) of every region of ``colour`` wholly inside the frame. A
+    model's blob may come in fragments, whose common centre moves with the object where the largest one jumps."""
+    centres = {}
+    for i in frames:
+        found = [d for d in detections[i].objects if d.colour == colour and not d.partial]
+        area = sum(d.area for d in found)
+        if area:
+            centres[i] = (sum(d.centre[0] * d.area for d in found) / area / width,
+                          sum(d.centre[1] * d.area for d in found) / area / height)
+    return centres
+
+
+def judge_motion(centres: Mapping[int, tuple[float, float]], fps: float, motion: str | None,
+                 direction: str | None) -> dict:
+    """Whether an object's track shows its prompted motion.
+
+    ``centres``: frame -> centre in frame fractions (frames where it was not seen left out). Velocities are taken
+    over spans of ``MOTION_SPAN`` seconds, which average out a generated blob's wobble; spans that jump further
+    than ``MOTION_JUMP`` (a wrap-around re-entry) are left out. The rules, from the world's own speeds:
+    resting: median speed under ``REST_SPEED``; bouncing: over it; drifting in a direction: median velocity along
+    it at least ``DRIFT_SPEED`` and larger than across it; orbiting: moving, with its heading turning at a median
+    rate of at least 0.3 rad/s (the world's orbits turn at 0.5-1.5 rad/s, a bounce only where it meets a wall).
+    Returns the measured speed and
+    turning, and ``correct`` (None when the motion is not prompted or fewer than three spans were seen).
+    """
+    span = max(1, int(round(MOTION_SPAN * fps)))
+    velocities, times = [], []
+    for i, (x, y) in sorted(centres.items()):
+        later = centres.get(i + span)
+        if later is None:
+            continue
+        v = ((later[0] - x) * fps / span, (later[1] - y) * fps / span)
+        if math.hypot(*v) * span / fps <= MOTION_JUMP:
+            velocities.append(v)
+            times.append(i)
+    result: dict[str, Any] = {"expected": motion, "direction": direction, "spans": len(velocities),
+                              "speed": None, "turning": None, "correct": None}
+    if len(velocities) < 3:
+        return result
+    vel = np.asarray(velocities, dtype=np.float64)
+    speed = float(np.median(np.hypot(vel[:, 0], vel[:, 1])))
+    # The heading's rate of turn between neighbouring spans while the object moves: an orbit turns all the
+    # time, a bounce only at the walls, so the median rate tells them apart where the total turn would not.
+    moving = np.hypot(vel[:, 0], vel[:, 1]) >= REST_SPEED
+    heading = np.arctan2(vel[moving, 1], vel[moving, 0])
+    t = np.asarray(times, dtype=np.float64)[moving] / fps
+    turning = 0.0
+    if len(heading) >= 2:
+        turn = (np.diff(heading) + math.pi) % (2 * math.pi) - math.pi
+        turning = float(np.median(turn / np.maximum(np.diff(t), 1.0 / fps)))
+    result.update(speed=round(speed, 4), turning=round(turning, 4))
+    if motion == "rest":
+        result["correct"] = speed < REST_SPEED
+    elif motion == "bounce":
+        result["correct"] = speed >= REST_SPEED
+    elif motion == "orbit":
+        result["correct"] = speed >= REST_SPEED and abs(turning) >= 0.3
+    elif motion == "wrap" and direction in world.DIRECTIONS:
+        dx, dy = world.DIRECTIONS[direction]
+        along = float(np.median(vel[:, 0] * dx + vel[:, 1] * dy))
+        across = float(np.median(np.abs(vel[:, 0] * dy - vel[:, 1] * dx)))
+        result["correct"] = along >= DRIFT_SPEED and along > across
+    elif motion == "wrap":
+        result["correct"] = speed >= REST_SPEED
+    return result
+
+
 def _normalise_boundaries(boundaries: Any) -> dict[str, list[int]]:
     if boundaries is None:
         return {}
@@ -420,7 +504,14 @@ def evaluate_video(frames: Any, prompt: str, fps: float, boundaries: Any = None,
         windows.append((start, at_marks))
         for w in (start, *at_marks):
             needed.update(w)
+    # Motion frames: MOTION_RATE samples a second over the first MOTION_SECONDS, each with its span's end.
+    motion_span = max(1, int(round(MOTION_SPAN * fps)))
+    motion_end = min(num_frames, int(round(MOTION_SECONDS * fps)))
+    motion_frames = sorted({f for i in range(0, motion_end, max(1, int(round(fps / MOTION_RATE))))
+                            for f in (i, i + motion_span) if f < motion_end})
+    needed.update(motion_frames)
     detections = detector.detect_video(frames, sorted(needed))
+    height, width = frames.shape[1:3]
 
     objects = []
     for k, obj in enumerate(prompted):
@@ -432,9 +523,11 @@ def evaluate_video(frames: Any, prompt: str, fps: float, boundaries: Any = None,
         share = WRAP_VISIBLE_SHARE if obj.get("motion") == "wrap" else 1.0
         present = [_present(detections, w, obj["colour"], obj["shape"], visible=visible, expected_share=share)
                    for w in (start, *at_marks)]
+        track = _colour_centres(detections, motion_frames, obj["colour"], width, height)
         objects.append({"colour": obj["colour"], "shape": obj["shape"], "motion": obj.get("motion"),
                         "present_at_start": present[0],
-                        "present_at": {_mark_key(m): p for m, p in zip(marks, present[1:])}})
+                        "present_at": {_mark_key(m): p for m, p in zip(marks, present[1:])},
+                        "motion_judged": judge_motion(track, fps, obj.get("motion"), obj.get("direction"))})
 
     judged_start = [o for o in objects if o["present_at_start"] is not None]
     adherence = (sum(bool(o["present_at_start"]) for o in judged_start) / len(judged_start)) if judged_start else None
@@ -443,6 +536,9 @@ def evaluate_video(frames: Any, prompt: str, fps: float, boundaries: Any = None,
         key = _mark_key(m)
         judged = [o for o in objects if o["present_at_start"] and o["present_at"][key] is not None]
         persistence[key] = (sum(bool(o["present_at"][key]) for o in judged) / len(judged)) if judged else None
+
+    judged_motion = [o["motion_judged"]["correct"] for o in objects if o["motion_judged"]["correct"] is not None]
+    motion_adherence = (sum(judged_motion) / len(judged_motion)) if judged_motion else None
 
     first_seconds = range(0, max(1, min(num_frames, int(round(adherence_seconds * fps)))))
     seen_background = [detections[i].background if i in detections else detector.detect(frames[i]).background
@@ -461,6 +557,7 @@ def evaluate_video(frames: Any, prompt: str, fps: float, boundaries: Any = None,
         "adherence": _rounded(adherence),
         "persistence": {k: _rounded(v) for k, v in persistence.items()},
         "persistence_final": _rounded(persistence[_mark_key(marks[-1])]),
+        "motion_adherence": _rounded(motion_adherence),
         "background": {"expected": parsed["background"], "detected": detected_background,
                        "correct": (parsed["background"] == detected_background) if parsed["background"] else None},
         "seam_ratio": _rounded(seam_ratio(frames, union, differences=diffs)) if union else None,
@@ -687,8 +784,9 @@ def window_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, widt
 
     h, w = generator.latent_size(height, width)
     window = Window((), tuple(range(latent_frames)), h, w)
-    adherence, background, seams = [], [], []
+    adherence, background, seams, motion = [], [], [], []
     by_shape: dict[str, list[float]] = {shape: [] for shape in world.SHAPES}
+    by_motion: dict[str, list[float]] = {m: [] for m in world.MOTIONS}
     boundaries = [first_frame_of_latent(i) for i in range(1, latent_frames)]
     for k, (_, prompt) in enumerate(prompts):
         latents = generator.sample(window, None, prompt, seed=seed + k, steps=steps, guidance=guidance,
@@ -699,14 +797,19 @@ def window_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, widt
         seams.append(result["seam_ratio"])
         if result["background"]["correct"] is not None:
             background.append(float(result["background"]["correct"]))
+        motion.append(result["motion_adherence"])
         for obj in result["objects"]:
             if obj["present_at_start"] is not None:
                 by_shape[obj["shape"]].append(float(obj["present_at_start"]))
+            if obj["motion_judged"]["correct"] is not None:
+                by_motion[obj["motion"]].append(float(obj["motion_judged"]["correct"]))
     # By prompted shape: a model that ignores the shape word draws every object as the same blob, which the
     # detector reads as a circle, so the mean alone hides whether shapes are drawn at all.
     return {"adherence": _rounded(_mean(adherence)), "background_correct": _rounded(_mean(background)),
             "seam_ratio": _rounded(_mean(seams)), "prompts": len(prompts), "latent_frames": latent_frames,
-            "by_shape": {shape: _rounded(_mean(found)) for shape, found in by_shape.items() if found}}
+            "by_shape": {shape: _rounded(_mean(found)) for shape, found in by_shape.items() if found},
+            "motion_adherence": _rounded(_mean(motion)),
+            "by_motion": {m: _rounded(_mean(found)) for m, found in by_motion.items() if found}}
 
 
 def eval_prompts(count: int) -> list[tuple[int, str]]:
@@ -828,6 +931,7 @@ def summarise(per_prompt: list[dict]) -> dict:
         "adherence": _mean(r["adherence"] for r in per_prompt),
         "persistence": {k: _mean(r["persistence"].get(k) for r in per_prompt) for k in marks},
         "persistence_final": _mean(r["persistence_final"] for r in per_prompt),
+        "motion_adherence": _mean(r.get("motion_adherence") for r in per_prompt),
         "seam_ratio": _mean(r["seam_ratio"] for r in per_prompt),
         "seam_ratio_task": _mean(r.get("seam_ratio_task") for r in per_prompt),
         "seam_ratio_segment": _mean(r.get("seam_ratio_segment") for r in per_prompt),
@@ -903,6 +1007,7 @@ def _print_table(report: dict) -> None:
     for mark in summaries[columns[0]]["persistence"]:
         row(f"persistence @ {mark} s", "persistence", mark)
     row("persistence (end)", "persistence_final")
+    row("motion adherence (first 6 s)", "motion_adherence")
     row("seam ratio", "seam_ratio")
     row("  at task boundaries", "seam_ratio_task")
     row("  at segment boundaries", "seam_ratio_segment")
@@ -946,6 +1051,9 @@ def _print_table(report: dict) -> None:
         if win.get("by_shape"):
             console.print("  adherence by prompted shape: "
                           + ", ".join(f"{shape} {share}" for shape, share in win["by_shape"].items()))
+        if win.get("by_motion"):
+            console.print(f"  motion adherence {win['motion_adherence']}; by prompted motion: "
+                          + ", ".join(f"{m} {share}" for m, share in win["by_motion"].items()))
     failed = [c for c in report["checks"] if c["passed"] is False]
     console.print(f"{len(report['checks']) - len(failed)} of {len(report['checks'])} target checks pass.")
 

@@ -92,6 +92,7 @@ def test_world_clips_adhere_and_persist():
         # Without ground truth (the rule used for generated videos) the world scores full marks too.
         blind = ev.evaluate_video(frames, prompt, 4)
         assert blind["adherence"] == 1.0, (prompt, blind["objects"])
+        assert blind["motion_adherence"] in (1.0, None), (prompt, [o["motion_judged"] for o in blind["objects"]])
 
 
 def test_an_object_that_left_and_came_back_counts_as_present():
@@ -123,6 +124,42 @@ def test_vanished_and_wrong_objects_are_caught():
     swapped = dataclasses.replace(spec.objects[0], shape="circle" if spec.objects[0].shape != "circle" else "square")
     prompt = world.caption(dataclasses.replace(spec, objects=(swapped, spec.objects[1])))
     assert ev.evaluate_video(frames, prompt, 6)["adherence"] == 0.5
+
+
+
+# --------------------------------------------------------------------------------------------------- motion
+
+
+def _track(position, seconds: float = 6.0, fps: int = 24) -> dict[int, tuple[float, float]]:
+    return {i: position(i / fps) for i in range(int(seconds * fps))}
+
+
+def test_judge_motion_reads_each_world_motion_from_a_track():
+    def judged(track, motion, direction=None):
+        return ev.judge_motion(track, 24, motion, direction)["correct"]
+
+    still = _track(lambda t: (0.5 + 0.004 * math.sin(7 * t), 0.5 + 0.004 * math.cos(5 * t)))  # a pixel's wobble
+    drifting_right = _track(lambda t: ((0.2 + 0.3 * t) % 1.0, 0.4))  # leaves on the right and comes back
+    orbiting = _track(lambda t: (0.5 + 0.15 * math.cos(0.8 * t), 0.5 + 0.15 * math.sin(0.8 * t)))
+    straight = _track(lambda t: (0.1 + 0.1 * t, 0.2 + 0.05 * t))
+    assert judged(still, "rest") and not judged(still, "bounce") and not judged(still, "orbit")
+    assert judged(drifting_right, "wrap", "right") and not judged(drifting_right, "wrap", "left")
+    assert not judged(drifting_right, "wrap", "up") and not judged(drifting_right, "rest")
+    assert judged(orbiting, "orbit") and judged(orbiting, "bounce") and not judged(orbiting, "rest")
+    assert judged(straight, "bounce") and not judged(straight, "orbit")
+    assert ev.judge_motion(still, 24, None, None)["correct"] is None  # motion not prompted
+    assert ev.judge_motion({0: (0.5, 0.5), 24: (0.6, 0.5)}, 24, "bounce", None)["correct"] is None  # one span
+
+
+def test_a_moving_object_prompted_as_resting_fails_motion_but_not_adherence():
+    spec, frames, _ = _clip(EVAL_SEEDS[3], 6, fps=8, num_objects=1, motion="bounce")
+    right = ev.evaluate_video(frames, world.caption(spec), 8)
+    assert right["adherence"] == 1.0 and right["motion_adherence"] == 1.0
+    resting = dataclasses.replace(spec, objects=(dataclasses.replace(spec.objects[0], motion="rest", vx=0.0,
+                                                                     vy=0.0),))
+    wrong = ev.evaluate_video(frames, world.caption(resting), 8)
+    assert wrong["adherence"] == 1.0 and wrong["motion_adherence"] == 0.0
+    assert wrong["objects"][0]["motion_judged"]["speed"] > ev.REST_SPEED
 
 
 def test_prompts_outside_the_vocabulary_and_bad_input():
@@ -385,13 +422,18 @@ def test_window_adherence_finds_the_prompt_in_a_faithful_window_and_nothing_in_a
     faithful = ev.window_adherence(painter, prompts, seed=5, **size)
     seams = faithful.pop("seam_ratio")
     by_shape = faithful.pop("by_shape")
-    assert faithful == {"adherence": 1.0, "background_correct": 1.0, "prompts": 3, "latent_frames": 4}
+    by_motion = faithful.pop("by_motion")
+    assert faithful == {"adherence": 1.0, "background_correct": 1.0, "prompts": 3, "latent_frames": 4,
+                        "motion_adherence": 1.0}
+    prompted_motions = {o["motion"] for _, p in prompts for o in world.parse_caption(p)["objects"]}
+    assert set(by_motion) <= prompted_motions and set(by_motion.values()) == {1.0}
     prompted = {o["shape"] for _, p in prompts for o in world.parse_caption(p)["objects"]}
     assert set(by_shape) == prompted and set(by_shape.values()) == {1.0}
     assert painter.seeds == [5, 6, 7], "every prompt samples its own noise"
     assert seams < 1.6, "the world's own frames join smoothly at latent-frame boundaries"
     flat = ev.window_adherence(_WorldPainter(prompts, flat=True), prompts, **size)
     assert flat["adherence"] == 0.0 and set(flat["by_shape"].values()) == {0.0}
+    assert flat["motion_adherence"] is None, "nothing to follow where no object is drawn"
     jumpy = ev.window_adherence(_WorldPainter(prompts, jumpy=True), prompts, **size)
     assert jumpy["adherence"] == 1.0 and jumpy["seam_ratio"] > 3 * seams
 
