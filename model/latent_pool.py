@@ -15,6 +15,12 @@ asking for more clips extends the pool.
         zarr.json            group attributes: format, encoder digest, latent channels, spatial factor
         clip-00000/          float16 (latent frames, channels, height, width); attributes: world seed, fps,
         clip-00001/          seconds, width, height, caption, complete
+        objects/clip-00000/  uint8 (latent frames, height, width): 1 on the latent pixels an object touches
+                             (:func:`latent_object_mask`), for the DiT's object-weighted loss
+
+The object masks cost as much to draw as the world itself (two fifths of a CPU training step with
+``--object-weight``), so they are kept beside the latents; a pool built before them gets them from the next
+``longshot train latents`` on it, and until then the trainer draws them as it goes.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ POOL_FORMAT = 1
 CHUNK_FRAMES = 16
 # Latent frames encoded in one call while building (bounds the memory of the rendered frames).
 ENCODE_BATCH = 32
+OBJECTS = "objects"  # the pool's subgroup of per-clip latent object masks
 # Frame rates and lengths (seconds) of the DiT's training clips, pooled or drawn on the fly (repeats weigh).
 CLIP_FPS = (12, 24, 24, 30)
 CLIP_SECONDS = (60, 60, 30, 10)
@@ -58,6 +65,14 @@ def latent_object_mask(spec, times: list[int], fps: float, width: int, height: i
                                            height=height)).float()
     per_latent = torch.stack([part.amax(0) for part in covered.split([len(g) for g in groups])])
     return torch.nn.functional.max_pool2d(per_latent[:, None], spatial_factor)[:, 0]
+
+
+def clip_object_mask(spec, count: int, fps: int, width: int, height: int, spatial_factor: int) -> np.ndarray:
+    """:func:`latent_object_mask` of latent frames ``0 .. count-1`` as uint8 (count, h, w), drawn in batches of
+    ``ENCODE_BATCH`` latent frames to bound the memory of the rendered masks."""
+    parts = [latent_object_mask(spec, list(range(lo, min(count, lo + ENCODE_BATCH))), fps, width, height,
+                                spatial_factor) for lo in range(0, count, ENCODE_BATCH)]
+    return torch.cat(parts).to(torch.uint8).numpy()
 
 
 def num_latents(seconds: float, fps: int) -> int:
@@ -148,8 +163,11 @@ class LatentPool:
         for name, array in sorted(group.arrays()):
             attrs = array.attrs.asdict()
             if attrs.get("complete"):
-                self.clips.setdefault((attrs["width"], attrs["height"]), []).append((name, attrs))
+                self.clips.setdefault((attrs["width"], attrs["height"]), []).append((name, attrs | {"name": name}))
         self._cache: dict[str, np.ndarray] = {}
+        self._objects: dict[str, np.ndarray] = {}
+        objects = group.get(OBJECTS)
+        self.object_names = {name for name, _ in objects.arrays()} if objects is not None else set()
 
     @classmethod
     def open(cls, path: str | Path, vae: torch.nn.Module | None = None) -> "LatentPool":
@@ -185,9 +203,23 @@ class LatentPool:
         return self._cache[name]
 
     def draw(self, rng: random.Random, size: tuple[int, int]) -> tuple[dict, np.ndarray]:
-        """A random clip of frame size ``size``: its attributes and raw latents (frames, C, h, w)."""
+        """A random clip of frame size ``size``: its attributes (``name`` among them) and raw latents
+        (frames, C, h, w)."""
         name, attrs = rng.choice(self.clips[size])
         return attrs, self.latents(name)
+
+    def object_mask(self, attrs: dict, spatial_factor: int) -> np.ndarray:
+        """The clip's latent object mask, uint8 (frames, h, w): read from the pool, or, for a pool built
+        before masks were kept, drawn from its world once and kept in memory."""
+        name = attrs["name"]
+        if name not in self._objects:
+            if name in self.object_names:
+                self._objects[name] = self.group[f"{OBJECTS}/{name}"][:]
+            else:
+                self._objects[name] = clip_object_mask(sample_world(attrs["world_seed"]), len(self.latents(name)),
+                                                       attrs["fps"], attrs["width"], attrs["height"],
+                                                       spatial_factor)
+        return self._objects[name]
 
 
 def build_pool(vae: torch.nn.Module, path: str | Path, clips: int, *, sizes: tuple[tuple[int, int], ...],
@@ -214,6 +246,20 @@ def build_pool(vae: torch.nn.Module, path: str | Path, clips: int, *, sizes: tup
     existing = {name: array.attrs.asdict().get("complete", False) for name, array in group.arrays()}
     todo = [i for i in range(clips) if not existing.get(_clip_name(i))]
     log(f"[latents] {path}: {clips - len(todo)} of {clips} clips already encoded, {len(todo)} to go")
+    objects = group.require_group(OBJECTS)
+    have_masks = {name for name, _ in objects.arrays()}
+
+    def write_mask(index: int, spec, clip: ClipSpec) -> None:
+        mask = clip_object_mask(spec, clip.num_latents, clip.fps, clip.width, clip.height, factor)
+        objects.create_array(_clip_name(index), data=mask, chunks=(CHUNK_FRAMES, *mask.shape[1:]), overwrite=True)
+
+    # Clips encoded before the pool kept object masks get theirs now (no encoding needed).
+    unmasked = [i for i in range(clips) if existing.get(_clip_name(i)) and _clip_name(i) not in have_masks]
+    for done, index in enumerate(unmasked, 1):
+        clip = clip_spec(index, seed, sizes)
+        write_mask(index, sample_world(clip.world_seed), clip)
+        if done % 50 == 0 or done == len(unmasked):
+            log(f"[latents] object masks of {done}/{len(unmasked)} earlier clips written")
     start = time.time()
     for done, index in enumerate(todo, 1):
         clip = clip_spec(index, seed, sizes)
@@ -230,6 +276,7 @@ def build_pool(vae: torch.nn.Module, path: str | Path, clips: int, *, sizes: tup
             times = list(range(lo, min(n, lo + ENCODE_BATCH)))
             means = encode_groups(vae, spec, times, clip.fps, clip.width, clip.height)
             array[lo:lo + len(times)] = means.to("cpu", torch.float16).numpy()
+        write_mask(index, spec, clip)
         array.attrs["complete"] = True  # only now does the clip count
         rate = done / max(time.time() - start, 1e-9)
         log(f"[latents] clip {index} ({clip.width}x{clip.height}, {clip.seconds} s at {clip.fps} fps, {n} latent "

@@ -840,9 +840,9 @@ class DiTTrainer(Trainer):
             observed, latent = sample_window(self.rng, len(clip), cfg.dit.max_window)
             times = sorted(observed + latent)
             weight = None
-            if self.args.object_weight:
-                weight = object_loss_weight(sample_world(attrs["world_seed"]), times, attrs["fps"], attrs["width"],
-                                            attrs["height"], cfg.vae.spatial_factor, self.args.object_weight)
+            if self.args.object_weight:  # the same weights as object_loss_weight, from the pool's masks
+                mask = self.pool.object_mask(attrs, cfg.vae.spatial_factor)[times]
+                weight = 1.0 + self.args.object_weight * torch.from_numpy(mask).float()
             latents = self.normalise(torch.from_numpy(clip[times]).float())
             drafts.append(WindowDraft(times, observed, attrs["caption"], latents=latents, weight=weight))
         fresh = draw_world_windows(self.rng, 0, images, cfg.dit.max_window, cfg.vae.spatial_factor,

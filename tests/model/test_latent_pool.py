@@ -10,7 +10,8 @@ import zarr
 
 from model.config import get_preset
 from model.generator import VideoModel, _quiet_open_clip
-from model.latent_pool import LatentPool, PoolMismatch, build_pool, clip_spec, encode_groups
+from model.latent_pool import (OBJECTS, LatentPool, PoolMismatch, build_pool, clip_spec, encode_groups,
+                                latent_object_mask)
 from model.train import main
 from model.world import sample_world
 
@@ -50,6 +51,38 @@ def test_pool_holds_each_clip_as_encoded_on_the_fly_and_resumes_after_a_cut(tmp_
     pool = build_pool(vae, path, 3, sizes=SIZES, seed=7, log=lines.append)
     assert "1 of 3 clips already encoded, 2 to go" in lines[0]
     assert len(pool) == 3
+
+
+
+@pytest.mark.timeout(120)
+def test_pool_keeps_each_clips_object_masks_and_fills_them_in_for_an_older_pool(tmp_path):
+    vae = tiny_vae(0)
+    path = tmp_path / "pool.zarr"
+    factor = vae.cfg.spatial_factor
+    pool = build_pool(vae, path, 2, sizes=SIZES, seed=3, log=lambda line: None)
+    rng = random.Random(1)
+    for index in range(2):
+        clip = clip_spec(index, 3, SIZES)
+        attrs, latents = pool.draw(rng, (clip.width, clip.height))
+        assert attrs["name"] in pool.object_names
+        mask = pool.object_mask(attrs, factor)
+        assert mask.dtype == np.uint8 and mask.shape == (len(latents), clip.height // factor, clip.width // factor)
+        assert mask.any() and not mask.all()
+        times = sorted(rng.sample(range(clip.num_latents), 6))
+        expected = latent_object_mask(sample_world(clip.world_seed), times, clip.fps, clip.width, clip.height,
+                                      factor)
+        assert torch.equal(torch.from_numpy(mask[times]).float(), expected)
+
+    # A pool built before masks were kept: the trainer draws them from the world, the next build writes them.
+    stored = {name: zarr.open_array(str(path / OBJECTS / name), mode="r")[:] for name in pool.object_names}
+    zarr.open_group(str(path), mode="r+").__delitem__(OBJECTS)
+    older = LatentPool.open(path, vae)
+    assert older.object_names == set()
+    for name, attrs in (c for clips in older.clips.values() for c in clips):
+        np.testing.assert_array_equal(older.object_mask(attrs, factor), stored[name])
+    lines: list[str] = []
+    filled = build_pool(vae, path, 2, sizes=SIZES, seed=3, log=lines.append)
+    assert filled.object_names == set(stored) and any("object masks of 2/2 earlier clips" in line for line in lines)
 
 
 @pytest.mark.timeout(120)
