@@ -197,10 +197,22 @@ class LatentPool:
     def __len__(self) -> int:
         return sum(len(c) for c in self.clips.values())
 
-    def latents(self, name: str) -> np.ndarray:
+    def latents(self, name: str) -> np.ndarray | torch.Tensor:
         if name not in self._cache:
             self._cache[name] = self.group[name][:]
         return self._cache[name]
+
+    def preload(self, device: torch.device | str) -> int:
+        """Read every clip's latents and object masks into tensors on ``device`` (a GPU step then waits on no
+        disk or host copy); :meth:`draw` and :meth:`object_mask` return those tensors. Returns the bytes held."""
+        held = 0
+        for name, _ in (c for clips in self.clips.values() for c in clips):
+            self._cache[name] = torch.from_numpy(self.group[name][:]).to(device)
+            held += self._cache[name].nbytes
+            if name in self.object_names:
+                self._objects[name] = torch.from_numpy(self.group[f"{OBJECTS}/{name}"][:]).to(device)
+                held += self._objects[name].nbytes
+        return held
 
     def draw(self, rng: random.Random, size: tuple[int, int]) -> tuple[dict, np.ndarray]:
         """A random clip of frame size ``size``: its attributes (``name`` among them) and raw latents
@@ -208,7 +220,7 @@ class LatentPool:
         name, attrs = rng.choice(self.clips[size])
         return attrs, self.latents(name)
 
-    def object_mask(self, attrs: dict, spatial_factor: int) -> np.ndarray:
+    def object_mask(self, attrs: dict, spatial_factor: int) -> np.ndarray | torch.Tensor:
         """The clip's latent object mask, uint8 (frames, h, w): read from the pool, or, for a pool built
         before masks were kept, drawn from its world once and kept in memory."""
         name = attrs["name"]
@@ -222,11 +234,43 @@ class LatentPool:
         return self._objects[name]
 
 
+def clip_work(todo: list[int], seed: int, sizes: tuple[tuple[int, int], ...], spatial_factor: int):
+    """The CPU side of building a pool: for each clip of ``todo`` its pixel groups, ``ENCODE_BATCH`` latent
+    frames at a time, as ``("pixels", index, first latent, uint8 groups)``, then ``("objects", index, None,
+    uint8 mask)``. All of it is numpy drawing of the world, so it can run in data loader worker processes."""
+    for index in todo:
+        clip = clip_spec(index, seed, sizes)
+        spec = sample_world(clip.world_seed)
+        for lo in range(0, clip.num_latents, ENCODE_BATCH):
+            times = list(range(lo, min(clip.num_latents, lo + ENCODE_BATCH)))
+            yield "pixels", index, lo, torch.from_numpy(pixel_groups(spec, times, clip.fps, clip.width, clip.height))
+        mask = clip_object_mask(spec, clip.num_latents, clip.fps, clip.width, clip.height, spatial_factor)
+        yield "objects", index, None, torch.from_numpy(mask)
+
+
+class ClipWorkStream(torch.utils.data.IterableDataset):
+    """:func:`clip_work` split over data loader workers: worker k draws clips k, k + workers, ..."""
+
+    def __init__(self, todo: list[int], seed: int, sizes: tuple[tuple[int, int], ...], spatial_factor: int):
+        self.todo, self.seed, self.sizes, self.spatial_factor = todo, seed, sizes, spatial_factor
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        mine = self.todo if worker is None else self.todo[worker.id::worker.num_workers]
+        return clip_work(mine, self.seed, self.sizes, self.spatial_factor)
+
+
 def build_pool(vae: torch.nn.Module, path: str | Path, clips: int, *, sizes: tuple[tuple[int, int], ...],
-               seed: int = 0, rebuild: bool = False, log=print) -> LatentPool:
-    """Encode clips ``0 .. clips-1`` into the pool at ``path`` (creating, resuming or extending it)."""
+               seed: int = 0, rebuild: bool = False, workers: int = 0, log=print) -> LatentPool:
+    """Encode clips ``0 .. clips-1`` into the pool at ``path`` (creating, resuming or extending it).
+
+    ``workers`` data loader processes draw the worlds while this process encodes them on the VAE's device; on a
+    GPU the drawing is all the work there is. The pool is the same whatever the number of workers.
+    """
     if clips < 1:
         raise ValueError(f"clips: {clips} must be at least 1")
+    if workers < 0:
+        raise ValueError(f"workers: {workers} must be 0 or more worker processes")
     path = Path(path)
     vae = vae.eval()
     digest = encoder_digest(vae)
@@ -249,36 +293,45 @@ def build_pool(vae: torch.nn.Module, path: str | Path, clips: int, *, sizes: tup
     objects = group.require_group(OBJECTS)
     have_masks = {name for name, _ in objects.arrays()}
 
-    def write_mask(index: int, spec, clip: ClipSpec) -> None:
-        mask = clip_object_mask(spec, clip.num_latents, clip.fps, clip.width, clip.height, factor)
+    def write_mask(index: int, mask: np.ndarray) -> None:
         objects.create_array(_clip_name(index), data=mask, chunks=(CHUNK_FRAMES, *mask.shape[1:]), overwrite=True)
 
     # Clips encoded before the pool kept object masks get theirs now (no encoding needed).
     unmasked = [i for i in range(clips) if existing.get(_clip_name(i)) and _clip_name(i) not in have_masks]
     for done, index in enumerate(unmasked, 1):
         clip = clip_spec(index, seed, sizes)
-        write_mask(index, sample_world(clip.world_seed), clip)
+        write_mask(index, clip_object_mask(sample_world(clip.world_seed), clip.num_latents, clip.fps, clip.width,
+                                           clip.height, factor))
         if done % 50 == 0 or done == len(unmasked):
             log(f"[latents] object masks of {done}/{len(unmasked)} earlier clips written")
-    start = time.time()
-    for done, index in enumerate(todo, 1):
-        clip = clip_spec(index, seed, sizes)
-        spec = sample_world(clip.world_seed)
-        n = clip.num_latents
-        h, w = clip.height // factor, clip.width // factor
-        array = group.create_array(_clip_name(index), shape=(n, latent_channels, h, w), dtype="float16",
-                                   chunks=(CHUNK_FRAMES, latent_channels, h, w), overwrite=True,
-                                   attributes={"world_seed": clip.world_seed, "fps": clip.fps,
-                                               "seconds": clip.seconds, "width": clip.width,
-                                               "height": clip.height, "caption": caption(spec),
-                                               "complete": False})
-        for lo in range(0, n, ENCODE_BATCH):
-            times = list(range(lo, min(n, lo + ENCODE_BATCH)))
-            means = encode_groups(vae, spec, times, clip.fps, clip.width, clip.height)
-            array[lo:lo + len(times)] = means.to("cpu", torch.float16).numpy()
-        write_mask(index, spec, clip)
+    if not todo:
+        return LatentPool.open(path, vae)
+
+    work = (clip_work(todo, seed, sizes, factor) if not workers else
+            iter(torch.utils.data.DataLoader(ClipWorkStream(todo, seed, sizes, factor), batch_size=None,
+                                             num_workers=min(workers, len(todo)), prefetch_factor=4)))
+    arrays: dict[int, tuple[zarr.Array, ClipSpec]] = {}
+    start, done = time.time(), 0
+    for kind, index, lo, data in work:
+        if index not in arrays:
+            clip = clip_spec(index, seed, sizes)
+            h, w = clip.height // factor, clip.width // factor
+            arrays[index] = (group.create_array(
+                _clip_name(index), shape=(clip.num_latents, latent_channels, h, w), dtype="float16",
+                chunks=(CHUNK_FRAMES, latent_channels, h, w), overwrite=True,
+                attributes={"world_seed": clip.world_seed, "fps": clip.fps, "seconds": clip.seconds,
+                            "width": clip.width, "height": clip.height,
+                            "caption": caption(sample_world(clip.world_seed)), "complete": False}), clip)
+        array, clip = arrays[index]
+        if kind == "pixels":
+            array[lo:lo + len(data)] = encode_pixel_groups(vae, data).to("cpu", torch.float16).numpy()
+            continue
+        # A clip's object mask comes after all of its pixels: the clip is complete.
+        write_mask(index, data.numpy())
         array.attrs["complete"] = True  # only now does the clip count
+        del arrays[index]
+        done += 1
         rate = done / max(time.time() - start, 1e-9)
-        log(f"[latents] clip {index} ({clip.width}x{clip.height}, {clip.seconds} s at {clip.fps} fps, {n} latent "
-            f"frames) done; {done}/{len(todo)}, eta {(len(todo) - done) / rate / 60:.1f} min")
+        log(f"[latents] clip {index} ({clip.width}x{clip.height}, {clip.seconds} s at {clip.fps} fps, "
+            f"{clip.num_latents} latent frames) done; {done}/{len(todo)}, eta {(len(todo) - done) / rate / 60:.1f} min")
     return LatentPool.open(path, vae)

@@ -779,6 +779,9 @@ class DiTTrainer(Trainer):
         if self.pool is not None:
             print(f"[dit] windows from {len(self.pool)} pool clips at {args.latents} "
                   f"(frame sizes {', '.join(f'{w}x{h}' for w, h in self.pool.sizes)})", flush=True)
+            if self.device.type == "cuda":  # a pool of a few thousand clips is a few GB: hold it where it is used
+                held = self.pool.preload(self.device)
+                print(f"[dit] pool held on {self.device}: {held / 2 ** 30:.2f} GiB", flush=True)
 
     def metadata(self) -> dict:
         meta = {"head_only": True} if self.head_only else {}
@@ -842,8 +845,8 @@ class DiTTrainer(Trainer):
             weight = None
             if self.args.object_weight:  # the same weights as object_loss_weight, from the pool's masks
                 mask = self.pool.object_mask(attrs, cfg.vae.spatial_factor)[times]
-                weight = 1.0 + self.args.object_weight * torch.from_numpy(mask).float()
-            latents = self.normalise(torch.from_numpy(clip[times]).float())
+                weight = 1.0 + self.args.object_weight * torch.as_tensor(mask).float()
+            latents = self.normalise(torch.as_tensor(clip[times]).float())
             drafts.append(WindowDraft(times, observed, attrs["caption"], latents=latents, weight=weight))
         fresh = draw_world_windows(self.rng, 0, images, cfg.dit.max_window, cfg.vae.spatial_factor,
                                    self.args.object_weight)  # single images of fresh worlds
@@ -1025,7 +1028,8 @@ def main(argv: list[str] | None = None) -> int:
                              "frozen, warm-started DiT")
     parser.add_argument("--loader-workers", type=int, default=0,
                         help="dit: worker processes that draw the clips of coming steps while this one trains "
-                             "(0: drawn between steps; the world is drawn on the CPU, a GPU step waits for it)")
+                             "(0: drawn between steps; the world is drawn on the CPU, a GPU step waits for it); "
+                             "latents: worker processes that draw the pool's clips while this one encodes them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="auto",
@@ -1061,7 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--minutes: {args.minutes!r} must be a positive number of minutes")
     if args.loader_workers < 0:
         raise ValueError(f"--loader-workers: {args.loader_workers} must be 0 or more worker processes")
-    if args.loader_workers and args.latents:
+    if args.loader_workers and args.latents and args.part == "dit":
         raise ValueError("--loader-workers: windows from a latent pool (--latents) are read, not drawn; "
                          "drop one of the two")
     if args.anneal_in_time and args.minutes is None:
@@ -1070,7 +1074,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "latents":
         model, _ = build_model(args.preset, run, ("vae",))
         model.to(device)
-        build_pool(model.vae, args.latents, args.clips, sizes=VIDEO_SIZES, seed=args.seed, rebuild=args.rebuild)
+        build_pool(model.vae, args.latents, args.clips, sizes=VIDEO_SIZES, seed=args.seed, rebuild=args.rebuild,
+                   workers=args.loader_workers)
         return 0
     defaults = {"vae": (3000, 4, 1e-3, 0.0), "text": (1500, 64, 1e-3, 0.0), "dit": (4000, 8, 3e-4, 0.995)}
     steps, batch, lr, ema = defaults[args.part]

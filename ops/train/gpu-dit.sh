@@ -9,6 +9,7 @@
 #   MINUTES=15 STEPS=30000 BATCH=32 bash ops/train/gpu-dit.sh
 #   TEXT_STEPS=8000 MINUTES=20 bash ops/train/gpu-dit.sh     # first teach the text encoder shapes
 #   INIT=.carry/ck OBJECT_WEIGHT=1 MINUTES=20 bash ops/train/gpu-dit.sh   # go on from another exported checkpoint
+#   POOL_CLIPS=2000 BATCH=256 MINUTES=6 bash ops/train/gpu-dit.sh   # windows from a latent pool held on the GPU
 #
 # The learning rate anneals over the MINUTES where they end before STEPS (--anneal-in-time), so the run ends
 # annealed whatever the machine's speed.
@@ -42,6 +43,10 @@ images=${IMAGES:-0}  # single images of fresh worlds per batch besides the windo
 # nearly blind to shape words; 8,000 steps with --shape-variants 4 taught it shapes (MODEL_CARD.md, "Every
 # shape comes out round"). Its weights then come back too (text.safetensors, text.json).
 text_steps=${TEXT_STEPS:-0}
+# Clips of a latent pool to build first (0: draw every step's worlds afresh). The loader workers draw the pool's
+# worlds once, the GPU encodes them, and the DiT then trains on windows cut from the pool in GPU memory, with no
+# CPU work per step; a clip holds one world, so the pool trades fresh layouts for speed.
+pool_clips=${POOL_CLIPS:-0}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -58,11 +63,20 @@ if [ "$text_steps" -gt 0 ]; then
     --shape-variants 4 --log-every 500 --device "$device" 2>&1 | tee "$out/train-text.txt"
   cp "$run/text/text.safetensors" "$run/text/text.json" "$out/"
 fi
+if [ "$pool_clips" -gt 0 ]; then
+  python3 -m model.train latents --run "$run" --clips "$pool_clips" --loader-workers "$loader_workers" \
+    --device "$device" > "$out/latents.txt" 2>&1
+  tail -n 2 "$out/latents.txt"
+  windows=(--latents)
+else
+  windows=(--loader-workers "$loader_workers")
+fi
 python3 -m model.train dit --run "$run" --init-from "$init" --steps "$steps" --batch "$batch" \
   --images "$images" --object-weight "$object_weight" --lr "$lr" --minutes "$minutes" --anneal-in-time \
-  --loader-workers "$loader_workers" \
+  "${windows[@]}" \
   --save-every "$save_every" --log-every 100 --device "$device" 2>&1 | tee "$out/train.txt"
-cp "$run/dit/dit.safetensors" "$run/dit/dit.json" "$run/dit/log.jsonl" "$out/"
+cp "$run/dit/dit.safetensors" "$run/dit/dit.json" "$out/"
+if [ -f "$run/dit/log.jsonl" ]; then cp "$run/dit/log.jsonl" "$out/"; fi  # written every 100 steps
 python3 -m model.train export --run "$run" --out "$run/export"
 [ "$prompts" -gt 0 ] || exit 0
 

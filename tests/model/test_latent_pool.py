@@ -85,6 +85,28 @@ def test_pool_keeps_each_clips_object_masks_and_fills_them_in_for_an_older_pool(
     assert filled.object_names == set(stored) and any("object masks of 2/2 earlier clips" in line for line in lines)
 
 
+
+@pytest.mark.timeout(180)
+def test_worker_processes_build_the_same_pool_and_a_preloaded_pool_draws_tensors(tmp_path):
+    vae = tiny_vae(0)
+    serial = build_pool(vae, tmp_path / "serial.zarr", 3, sizes=SIZES, seed=5, log=lambda line: None)
+    lines: list[str] = []
+    parallel = build_pool(vae, tmp_path / "parallel.zarr", 3, sizes=SIZES, seed=5, workers=2, log=lines.append)
+    assert sum("done;" in line for line in lines) == 3
+    names = sorted(name for clips in serial.clips.values() for name, _ in clips)
+    assert names == sorted(name for clips in parallel.clips.values() for name, _ in clips)
+    for name in names:
+        np.testing.assert_array_equal(serial.latents(name), parallel.latents(name))
+        assert serial.group[name].attrs.asdict() == parallel.group[name].attrs.asdict()
+        np.testing.assert_array_equal(serial.group[f"{OBJECTS}/{name}"][:], parallel.group[f"{OBJECTS}/{name}"][:])
+
+    held = parallel.preload("cpu")
+    assert held == sum(serial.latents(n).nbytes + serial.group[f"{OBJECTS}/{n}"][:].nbytes for n in names)
+    attrs, latents = parallel.draw(random.Random(0), SIZES[0])
+    assert torch.is_tensor(latents) and latents.dtype == torch.float16
+    assert torch.is_tensor(parallel.object_mask(attrs, vae.cfg.spatial_factor))
+
+
 @pytest.mark.timeout(120)
 def test_a_pool_from_another_encoder_is_refused_until_rebuilt(tmp_path):
     path = tmp_path / "pool.zarr"
@@ -101,7 +123,7 @@ def test_a_pool_from_another_encoder_is_refused_until_rebuilt(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_the_dit_trains_on_pool_windows(tmp_path, capsys):
+def test_the_dit_trains_on_pool_windows(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     common = ["--preset", "tiny", "--run", str(run), "--log-every", "1", "--warmup", "1"]
     assert main(["vae", *common, "--steps", "1", "--batch", "1"]) == 0
@@ -112,6 +134,17 @@ def test_the_dit_trains_on_pool_windows(tmp_path, capsys):
     assert main(["dit", *common, "--steps", "2", "--batch", "2", "--object-weight", "4", "--latents"]) == 0
     out = capsys.readouterr().out
     assert "windows from 2 pool clips" in out and "step 2/2" in out
+    # Held as tensors (as on a GPU), the pool feeds the same steps.
+    opened = LatentPool.open.__func__
+
+    def preloaded(cls, path, vae=None):
+        pool = opened(cls, path, vae)
+        pool.preload("cpu")
+        return pool
+    monkeypatch.setattr(LatentPool, "open", classmethod(preloaded))
+    assert main(["dit", *common, "--steps", "3", "--batch", "2", "--object-weight", "4", "--latents"]) == 0
+    assert "step 3/3" in capsys.readouterr().out
+    monkeypatch.undo()
     # A VAE trained further has another latent space: its DiT refuses the old pool.
     assert main(["vae", *common, "--steps", "2", "--batch", "1"]) == 0
     with pytest.raises(PoolMismatch):
