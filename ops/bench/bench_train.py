@@ -1,12 +1,14 @@
 """DiT training throughput: steps and windows a second of `longshot train dit`, and where a step's time goes.
 
 Trains the shipped checkpoint's DiT (or --init-from's) on clips drawn on the fly, as `ops/train/gpu-dit.sh`
-does, in a temporary run: the first --warmup steps (data loader start, kernel choice, caches) are left out,
+does, or with --pool-clips N on windows of an N-clip latent pool built first (its build time reported too, the
+worlds drawn by the --loader-workers), in a temporary run: the first --warmup steps (data loader start, kernel choice, caches) are left out,
 the next --steps timed from the run's own log. With --profile, the torch profiler's table of the costliest
 operators follows (by GPU time on a GPU, else CPU time), to tell a step waiting for its data from a step
 waiting for its kernels.
 
 Run:  python ops/bench/bench_train.py [--batch 64] [--loader-workers 14] [--steps 30] [--device auto] [--profile]
+                                      [--pool-clips 2000]
   or: longshot bench train ...
 """
 
@@ -16,6 +18,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -31,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=0)
     parser.add_argument("--object-weight", type=float, default=1.0)
     parser.add_argument("--loader-workers", type=int, default=0)
+    parser.add_argument("--pool-clips", type=int, default=0,
+                        help="build a latent pool of this many clips first and train on its windows")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     parser.add_argument("--steps", type=int, default=20, help="steps timed")
     parser.add_argument("--device", default="auto")
@@ -49,10 +54,18 @@ def main(argv: list[str] | None = None) -> int:
         train.main(["unpack", "--run", str(run), "--init-from", str(source)])
         command = ["dit", "--run", str(run), "--init-from", str(source), "--steps", str(args.warmup + args.steps),
                    "--batch", str(args.batch), "--images", str(args.images), "--object-weight",
-                   str(args.object_weight), "--loader-workers", str(args.loader_workers), "--device", args.device,
-                   "--log-every", "1", "--save-every", str(10 ** 9)]
-        if args.threads:
-            command += ["--threads", str(args.threads)]
+                   str(args.object_weight), "--device", args.device, "--log-every", "1", "--save-every", str(10 ** 9)]
+        threads = ["--threads", str(args.threads)] if args.threads else []
+        pool_seconds = None
+        if args.pool_clips:
+            started = time.perf_counter()
+            train.main(["latents", "--run", str(run), "--clips", str(args.pool_clips), "--loader-workers",
+                        str(args.loader_workers), "--device", args.device, *threads])
+            pool_seconds = time.perf_counter() - started
+            command += ["--latents"]  # windows are read from the pool: no loader workers
+        else:
+            command += ["--loader-workers", str(args.loader_workers)]
+        command += threads
         profiler = None
         if args.profile:
             activities = [torch.profiler.ProfilerActivity.CPU]
@@ -72,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "images": args.images,
         "loader_workers": args.loader_workers,
+        "pool_clips": args.pool_clips,
+        "pool_build_s": None if pool_seconds is None else round(pool_seconds, 1),
         "steps_timed": len(timed),
         "seconds": round(seconds, 2),
         "steps_per_s": round(len(timed) / seconds, 3),

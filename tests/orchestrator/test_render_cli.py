@@ -89,3 +89,13 @@ def test_training_benchmark_times_real_steps_of_the_shipped_dit(tmp_path, capsys
     assert report["steps_timed"] == 2 and report["device"].startswith("cpu")
     assert report["steps_per_s"] > 0
     assert report["windows_per_s"] == pytest.approx(report["steps_per_s"], abs=0.06), "one window a step"
+
+
+@pytest.mark.timeout(300)
+def test_training_benchmark_builds_a_latent_pool_and_trains_on_its_windows(tmp_path, capsys):
+    out = tmp_path / "pool.json"
+    assert main(["bench", "train", "--batch", "2", "--warmup", "1", "--steps", "1", "--device", "cpu",
+                 "--pool-clips", "1", "--loader-workers", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["pool_clips"] == 1 and report["pool_build_s"] > 0 and report["steps_timed"] == 1
+    assert "windows from 1 pool clips" in capsys.readouterr().out
