@@ -47,6 +47,10 @@ text_steps=${TEXT_STEPS:-0}
 # worlds once, the GPU encodes them, and the DiT then trains on windows cut from the pool in GPU memory, with no
 # CPU work per step; a clip holds one world, so the pool trades fresh layouts for speed.
 pool_clips=${POOL_CLIPS:-0}
+# JSON merged into the run's DiT architecture before training, e.g. '{"patch": 2}': 2x2 patches see each object
+# as four times as many tokens. Tensors whose shape changes (patch embedding, output layer) start fresh, the
+# blocks are warm-started from INIT.
+dit_config=${DIT_CONFIG:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -57,6 +61,17 @@ else
 fi
 
 python3 -m model.train unpack --run "$run" --init-from "$init"
+if [ -n "$dit_config" ]; then
+  python3 - "$run/model.json" "$dit_config" <<'PY'
+import json, sys
+path, change = sys.argv[1], json.loads(sys.argv[2])
+config = json.load(open(path))
+config["dit"].update(change)
+json.dump(config, open(path, "w"), indent=2)
+print("DiT architecture:", config["dit"])
+PY
+  rm -f "$run/dit/dit.safetensors" "$run/dit/state.pt"  # the unpacked DiT has the old shapes
+fi
 if [ "$text_steps" -gt 0 ]; then
   rm "$run/text/text.safetensors"  # so that the text part warm-starts from the checkpoint with a fresh optimiser
   python3 -m model.train text --run "$run" --init-from "$init" --steps "$text_steps" --lr 1e-3 \
