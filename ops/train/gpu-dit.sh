@@ -10,6 +10,7 @@
 #   TEXT_STEPS=8000 MINUTES=20 bash ops/train/gpu-dit.sh     # first teach the text encoder shapes
 #   INIT=.carry/ck OBJECT_WEIGHT=1 MINUTES=20 bash ops/train/gpu-dit.sh   # go on from another exported checkpoint
 #   POOL_CLIPS=2000 BATCH=256 MINUTES=6 bash ops/train/gpu-dit.sh   # windows from a latent pool held on the GPU
+#   DIT_CONFIG='{"patch": 2}' POOL_CLIPS=2000 MINUTES=6 bash ops/train/gpu-dit.sh   # 2x2 patches, blocks warm
 #
 # The learning rate anneals over the MINUTES where they end before STEPS (--anneal-in-time), so the run ends
 # annealed whatever the machine's speed.
