@@ -18,9 +18,9 @@ asking for more clips extends the pool.
         objects/clip-00000/  uint8 (latent frames, height, width): 1 on the latent pixels an object touches
                              (:func:`latent_object_mask`), for the DiT's object-weighted loss
 
-Drawing a window's object masks costs about 1.7 ms of CPU, little beside a CPU training step but 0.4 s per step
-for a GPU batch of 256 windows, so they are kept beside the latents; a pool built before them gets them from the next
-``longshot train latents`` on it, and until then the trainer draws them as it goes.
+Drawing a window's object masks costs about 1.7 ms of CPU, little beside a CPU training step but 0.4 s per
+step for a GPU batch of 256 windows, so they are kept beside the latents; a pool built before them gets them
+from the next ``longshot train latents`` on it, and until then the trainer draws them as it goes.
 """
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ class LatentPool:
                 held += self._objects[name].nbytes
         return held
 
-    def draw(self, rng: random.Random, size: tuple[int, int]) -> tuple[dict, np.ndarray]:
+    def draw(self, rng: random.Random, size: tuple[int, int]) -> tuple[dict, np.ndarray | torch.Tensor]:
         """A random clip of frame size ``size``: its attributes (``name`` among them) and raw latents
         (frames, C, h, w)."""
         name, attrs = rng.choice(self.clips[size])

@@ -2,8 +2,8 @@
 
 Trains the shipped checkpoint's DiT (or --init-from's) on clips drawn on the fly, as `ops/train/gpu-dit.sh`
 does, or with --pool-clips N on windows of an N-clip latent pool built first (its build time reported too, the
-worlds drawn by the --loader-workers), in a temporary run: the first --warmup steps (data loader start, kernel choice, caches) are left out,
-the next --steps timed from the run's own log. With --profile, the torch profiler's table of the costliest
+worlds drawn by the --loader-workers), in a temporary run: the first --warmup steps (data loader start, kernel
+choice, caches) are left out, the next --steps timed from the run's own log. With --profile, the torch profiler's table of the costliest
 operators follows (by GPU time on a GPU, else CPU time), to tell a step waiting for its data from a step
 waiting for its kernels.
 
