@@ -477,6 +477,8 @@ def test_longshot_eval_end_to_end(tmp_path, capsys):
     assert result["drift"]["delta_e"] >= 0.0
     # The world's own rendering of the prompt is the reference: full marks for what it shows.
     assert report["world"]["summary"]["adherence"] == 1.0
+    assert report["world"]["summary"]["motion_adherence"] in (1.0, None)
+    assert "motion_adherence" in report["schedules"]["parallel"]["summary"]
     assert report["vae"]["clips"] == 1 and report["vae"]["psnr"] > 0
     assert 0.0 <= report["vae"]["reconstruction"]["adherence"] <= 1.0
     assert report["denoising"]["latent_frames"] == 2 and len(report["denoising"]["objects"]) == 3
