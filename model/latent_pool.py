@@ -210,7 +210,7 @@ class LatentPool:
             self._cache[name] = torch.from_numpy(self.group[name][:]).to(device)
             held += self._cache[name].nbytes
             if name in self.object_names:
-                self._objects[name] = torch.from_numpy(self.group[f"{OBJECTS}/{name}"][:]).to(device)
+                self._objects[name] = torch.from_numpy(self._stored_mask(name)).to(device)
                 held += self._objects[name].nbytes
         return held
 
@@ -220,13 +220,16 @@ class LatentPool:
         name, attrs = rng.choice(self.clips[size])
         return attrs, self.latents(name)
 
+    def _stored_mask(self, name: str) -> np.ndarray:
+        return self.group[f"{OBJECTS}/{name}"][:]
+
     def object_mask(self, attrs: dict, spatial_factor: int) -> np.ndarray | torch.Tensor:
         """The clip's latent object mask, uint8 (frames, h, w): read from the pool, or, for a pool built
         before masks were kept, drawn from its world once and kept in memory."""
         name = attrs["name"]
         if name not in self._objects:
             if name in self.object_names:
-                self._objects[name] = self.group[f"{OBJECTS}/{name}"][:]
+                self._objects[name] = self._stored_mask(name)
             else:
                 self._objects[name] = clip_object_mask(sample_world(attrs["world_seed"]), len(self.latents(name)),
                                                        attrs["fps"], attrs["width"], attrs["height"],

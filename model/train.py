@@ -679,7 +679,12 @@ def object_loss_weight(spec, times: list[int], fps: int, width: int, height: int
     Objects cover a few percent of a frame and the backdrop the rest; under a plain mean the flat backdrop,
     learned early, keeps most of the gradient while the objects, which the prompt is about, stay blobs.
     """
-    return 1.0 + extra * latent_object_mask(spec, times, fps, width, height, spatial_factor)
+    return weight_from_object_mask(latent_object_mask(spec, times, fps, width, height, spatial_factor), extra)
+
+
+def weight_from_object_mask(mask, extra: float) -> torch.Tensor:
+    """The weights of :func:`object_loss_weight` from a latent object mask (0/1, numpy or torch, any device)."""
+    return 1.0 + extra * torch.as_tensor(mask).float()
 
 
 @dataclass
@@ -843,9 +848,9 @@ class DiTTrainer(Trainer):
             observed, latent = sample_window(self.rng, len(clip), cfg.dit.max_window)
             times = sorted(observed + latent)
             weight = None
-            if self.args.object_weight:  # the same weights as object_loss_weight, from the pool's masks
-                mask = self.pool.object_mask(attrs, cfg.vae.spatial_factor)[times]
-                weight = 1.0 + self.args.object_weight * torch.as_tensor(mask).float()
+            if self.args.object_weight:  # object_loss_weight's weights, from the pool's masks
+                weight = weight_from_object_mask(self.pool.object_mask(attrs, cfg.vae.spatial_factor)[times],
+                                                 self.args.object_weight)
             latents = self.normalise(torch.as_tensor(clip[times]).float())
             drafts.append(WindowDraft(times, observed, attrs["caption"], latents=latents, weight=weight))
         fresh = draw_world_windows(self.rng, 0, images, cfg.dit.max_window, cfg.vae.spatial_factor,
