@@ -21,6 +21,7 @@ forward pass, not one per step.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -124,7 +125,7 @@ def build_layout(shapes: list[tuple[int, int, int]], observed: list[torch.Tensor
     keys nobody sees. A training batch of varied windows then costs one attention call per block rather than
     one per window pattern (about 60 calls of a few milliseconds each, at batch 64 on a GPU).
     """
-    frame_of_token, window_of_frame = [], []
+    frame_tokens, window_of_frame = [], []  # tokens of each frame, window of each frame
     spatial: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (rows, cols) -> [(frame, first token)]
     temporal: dict[tuple, list[tuple[int, int, torch.Tensor, torch.Tensor | None]]] = {}
     token, frame = 0, 0
@@ -133,7 +134,7 @@ def build_layout(shapes: list[tuple[int, int, int]], observed: list[torch.Tensor
         starts = []
         for _ in range(f):
             spatial.setdefault((h, wd), []).append((frame, token))
-            frame_of_token.append(torch.full((n,), frame, dtype=torch.long))
+            frame_tokens.append(n)
             window_of_frame.append(w)
             starts.append(token)
             token += n
@@ -142,7 +143,8 @@ def build_layout(shapes: list[tuple[int, int, int]], observed: list[torch.Tensor
         key = (f, n, None if mask is None else tuple(mask.flatten().tolist()))
         temporal.setdefault(key, []).append((starts[0], w, times[w], mask))
 
-    layout = Layout(token, torch.cat(frame_of_token).to(device) if frame_of_token else torch.zeros(0, dtype=torch.long, device=device),
+    tokens_per_frame = torch.tensor(frame_tokens, dtype=torch.long)
+    layout = Layout(token, torch.arange(len(frame_tokens)).repeat_interleave(tokens_per_frame).to(device),
                     torch.tensor(window_of_frame, dtype=torch.long, device=device))
     for (h, wd), items in spatial.items():
         n = h * wd
@@ -220,6 +222,11 @@ def block_diagonal_mask(layout: Layout, kind: str) -> torch.Tensor:
                     row, vis = row[real], vis[real][:, real]
                 mask[row[:, None], row[None, :]] = vis
     return mask
+
+
+def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` along the first dimension, without a copy for a single tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -535,10 +542,10 @@ class VideoDiT(nn.Module):
             if t.shape != (f,):
                 raise ValueError(f"{name}: expected shape ({f},) for a window of {f} frames, got {tuple(t.shape)}")
 
-    def _conditioning(self, windows: list[FrameInputs], text_pooled: torch.Tensor) -> torch.Tensor:
+    def _conditioning(self, windows: list[FrameInputs], text_pooled: torch.Tensor,
+                      window_of_frame: torch.Tensor) -> torch.Tensor:
         noise = torch.cat([w.noise for w in windows])
-        win = torch.cat([torch.full((len(w.noise),), i, device=noise.device) for i, w in enumerate(windows)])
-        return self.t_embed(noise) + self.text_pool(text_pooled)[win]  # (F_total, D)
+        return self.t_embed(noise) + self.text_pool(text_pooled)[window_of_frame]  # (F_total, D)
 
     def text_context(self, text_tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [b.cross_attn.project_kv(text_tokens) for b in self.blocks]
@@ -557,12 +564,21 @@ class VideoDiT(nn.Module):
         p = self.cfg.patch
         shapes = [(w.frames.shape[0], w.frames.shape[2] // p, w.frames.shape[3] // p) for w in windows]
         device = windows[0].frames.device
-        layout = build_layout(shapes, [w.observed.cpu() for w in windows], [w.times.cpu() for w in windows],
-                              causal, self.head_dim, self.cfg, device,
+        # The layout is planned on the CPU from every window's flags and frame indices, fetched in one copy each:
+        # a copy per window waits for the GPU each time (hundreds of waits a step for a training batch).
+        lengths = [len(w.observed) for w in windows]
+        observed = joined([w.observed for w in windows]).cpu().split(lengths)
+        times = joined([w.times for w in windows]).cpu().split(lengths)
+        layout = build_layout(shapes, list(observed), list(times), causal, self.head_dim, self.cfg, device,
                               cached_times=None if cache is None else cache.times.cpu(),
                               pad_windows=self.training and cache is None and record is None)
-        x = self.patch_embed(torch.cat([self.patchify(w.frames, w.observed) for w in windows]).to(self.patch_embed.weight.dtype))
-        c = self._conditioning(windows, text_pooled)  # (F_total, D)
+        # Neighbouring windows of one frame size are patchified, and their outputs unpatchified, together: a few
+        # kernels per run of equal sizes rather than per window (a training batch is sorted by size).
+        runs = [list(run) for _, run in itertools.groupby(range(len(windows)), lambda i: windows[i].frames.shape[2:])]
+        frames = [joined([windows[i].frames for i in run]) for run in runs]
+        tokens = [self.patchify(f, joined([windows[i].observed for i in run])) for f, run in zip(frames, runs)]
+        x = self.patch_embed(joined(tokens).to(self.patch_embed.weight.dtype))
+        c = self._conditioning(windows, text_pooled, layout.window_of_frame)  # (F_total, D)
         text_kv = cache.text_kv if cache is not None else self.text_context(text_tokens)
         for i, block in enumerate(self.blocks):
             mod = gather_tokens(self.ada[i](c), layout.frame_of_token)  # (L, 9D)
@@ -571,12 +587,13 @@ class VideoDiT(nn.Module):
         features = self.final.features(x, gather_tokens(c, layout.frame_of_token))
         x = self.final.linear(features)
         outs, start = [], 0
-        for (f, h, w), win in zip(shapes, windows):
-            n = f * h * w
-            out = self.unpatchify(x[start:start + n], f, win.frames.shape[2], win.frames.shape[3])
+        for run, run_frames, run_tokens in zip(runs, frames, tokens):
+            n, (f, _, h, w) = len(run_tokens), run_frames.shape
+            out = self.unpatchify(x[start:start + n], f, h, w)
             if self.refine is not None:
-                out = self.refine(out, win.frames, win.noise, features[start:start + n])
-            outs.append(out)
+                noise = joined([windows[i].noise for i in run])
+                out = self.refine(out, run_frames, noise, features[start:start + n])
+            outs.extend(out.split([len(windows[i].frames) for i in run]))
             start += n
         return outs
 

@@ -53,6 +53,17 @@ def video_noise(frames: int, shape: tuple[int, ...], correlation: float, *, own:
     return noise
 
 
+def windows_noise(window: torch.Tensor, windows: int, shape: tuple[int, ...], correlation: float) -> torch.Tensor:
+    """:func:`video_noise` for the frames of many windows at once (F, *shape): frame i belongs to window
+    ``window[i]`` (F,), and the frames of one window share their common field, as each window's frames do in
+    :func:`video_noise`. Drawn on ``window``'s device in two calls, whatever the number of windows."""
+    noise = torch.randn((len(window), *shape), device=window.device)
+    if correlation > 0:
+        common = torch.randn((windows, *shape), device=window.device)
+        noise = correlation ** 0.5 * common[window] + (1.0 - correlation) ** 0.5 * noise
+    return noise
+
+
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
@@ -64,13 +75,24 @@ def flow_loss(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, l
     ``pixel_weight`` (F, h, w), optional: a weight for every latent pixel, normalised within each frame so that a
     frame's loss keeps its scale and only the share of its pixels changes.
     """
+    window = torch.zeros(len(x0), dtype=torch.long, device=x0.device)
+    return window_flow_losses(prediction, x0, noise, latent, window, 1, pixel_weight)[0]
+
+
+def window_flow_losses(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor,
+                       window: torch.Tensor, windows: int, pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`flow_loss` of each of ``windows`` windows (W,), for the frames of many windows at once: frame i
+    (of all F) belongs to window ``window[i]``. One call for a training batch's frames instead of one per window:
+    on a GPU a training step of hundreds of windows otherwise spends its time launching small kernels."""
     err = (prediction.float() - velocity_target(x0, noise).float()).pow(2).mean(1)  # (F, h, w)
     if pixel_weight is not None:
         w = pixel_weight.float()
         err = err * (w / w.flatten(1).mean(1).clamp(min=1e-6)[:, None, None])
     err = err.flatten(1).mean(1)  # (F,)
     weight = latent.float()
-    return (err * weight).sum() / weight.sum().clamp(min=1.0)
+    total = err.new_zeros(windows).index_add(0, window, err * weight)
+    count = err.new_zeros(windows).index_add(0, window, weight)
+    return total / count.clamp(min=1.0)
 
 
 @torch.no_grad()

@@ -166,6 +166,10 @@ class LatentPool:
                 self.clips.setdefault((attrs["width"], attrs["height"]), []).append((name, attrs | {"name": name}))
         self._cache: dict[str, np.ndarray] = {}
         self._objects: dict[str, np.ndarray] = {}
+        # After preload: every clip of a frame size in one device tensor, and each clip's first row there.
+        self._held: dict[tuple[int, int], torch.Tensor] = {}
+        self._held_objects: dict[tuple[int, int], torch.Tensor] = {}
+        self._first_row: dict[str, int] = {}
         objects = group.get(OBJECTS)
         self.object_names = {name for name, _ in objects.arrays()} if objects is not None else set()
 
@@ -204,15 +208,47 @@ class LatentPool:
 
     def preload(self, device: torch.device | str) -> int:
         """Read every clip's latents and object masks into tensors on ``device`` (a GPU step then waits on no
-        disk or host copy); :meth:`draw` and :meth:`object_mask` return those tensors. Returns the bytes held."""
+        disk or host copy), one tensor per frame size; :meth:`draw` and :meth:`object_mask` return views of them
+        and :meth:`gather` takes a batch's frames from them in one call. Returns the bytes held."""
         held = 0
-        for name, _ in (c for clips in self.clips.values() for c in clips):
-            self._cache[name] = torch.from_numpy(self.group[name][:]).to(device)
-            held += self._cache[name].nbytes
-            if name in self.object_names:
-                self._objects[name] = torch.from_numpy(self._stored_mask(name)).to(device)
-                held += self._objects[name].nbytes
+        for size, clips in self.clips.items():
+            names = [name for name, _ in clips]
+            latents = [torch.from_numpy(self.group[name][:]) for name in names]
+            self._held[size] = torch.cat(latents).to(device)
+            held += self._held[size].nbytes
+            stored = all(name in self.object_names for name in names)
+            if stored:
+                self._held_objects[size] = torch.cat([torch.from_numpy(self._stored_mask(n)) for n in names]).to(device)
+                held += self._held_objects[size].nbytes
+            row = 0
+            for name, clip in zip(names, latents):
+                self._first_row[name] = row
+                self._cache[name] = self._held[size][row:row + len(clip)]
+                if stored:
+                    self._objects[name] = self._held_objects[size][row:row + len(clip)]
+                row += len(clip)
         return held
+
+    def gather(self, picks: list[tuple[dict, list[int]]], spatial_factor: int,
+               objects: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Frames ``times`` of each picked clip ``(attrs, times)``, all picks' frames one after another: latents
+        (n, C, h, w) and, with ``objects``, latent object masks (n, h, w).
+
+        From a pool held on a GPU (:meth:`preload`), picks of one frame size come in one gather: indexing clip by
+        clip moves a small index to the GPU and waits for it, twice a window, hundreds of times a training step.
+        """
+        sizes = {(attrs["width"], attrs["height"]) for attrs, _ in picks}
+        size = next(iter(sizes))
+        if len(sizes) == 1 and size in self._held and (not objects or size in self._held_objects):
+            rows = torch.tensor([self._first_row[attrs["name"]] + t for attrs, times in picks for t in times])
+            rows = rows.to(self._held[size].device)
+            return (self._held[size].index_select(0, rows),
+                    self._held_objects[size].index_select(0, rows) if objects else None)
+        latents = torch.cat([torch.as_tensor(self.latents(attrs["name"])[times]) for attrs, times in picks])
+        if not objects:
+            return latents, None
+        masks = [torch.as_tensor(self.object_mask(attrs, spatial_factor)[times]) for attrs, times in picks]
+        return latents, torch.cat(masks)
 
     def draw(self, rng: random.Random, size: tuple[int, int]) -> tuple[dict, np.ndarray | torch.Tensor]:
         """A random clip of frame size ``size``: its attributes (``name`` among them) and raw latents

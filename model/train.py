@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig, get_preset, preset_names
 from model.dit import FrameInputs
-from model.flow import flow_loss, noisy, sample_training_times, video_noise
+from model.flow import noisy, sample_training_times, video_noise, window_flow_losses, windows_noise
 from model.generator import CONFIG_FILE, WEIGHTS_FILE, Generator, VideoModel, _quiet_open_clip
 from model.latent_pool import (CLIP_FPS, CLIP_SECONDS, LatentPool, build_pool, encode_pixel_groups, latent_object_mask,
                                num_latents, pixel_groups, to_pixels)
@@ -265,10 +265,12 @@ class Trainer:
         if self.ema is None:
             self.ema = {k: v.detach().clone() for k, v in current.items()}
             return
+        floats = [k for k, v in current.items() if v.is_floating_point()]
+        # One fused update for all tensors (per tensor, two small kernels each on a GPU step): ema += (1 - decay)
+        # * (weights - ema), i.e. decay * ema + (1 - decay) * weights.
+        torch._foreach_lerp_([self.ema[k] for k in floats], [current[k] for k in floats], 1 - decay)
         for k, v in current.items():
-            if v.is_floating_point():
-                self.ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-            else:
+            if not v.is_floating_point():
                 self.ema[k].copy_(v)
 
     def loss(self) -> tuple[torch.Tensor, dict]:
@@ -841,41 +843,66 @@ class DiTTrainer(Trainer):
                     persistent_workers=True, pin_memory=self.device.type == "cuda"))
             return next(self.loader)
         video_size = self.rng.choice(self.pool.sizes)
-        drafts = []
+        picks = []
         images = self.args.images + (self.rng.random() < 0.5)  # the batch's first window is an image half the time
         for _ in range(self.args.batch + self.args.images - images):
             attrs, clip = self.pool.draw(self.rng, video_size)
             observed, latent = sample_window(self.rng, len(clip), cfg.dit.max_window)
-            times = sorted(observed + latent)
-            weight = None
-            if self.args.object_weight:  # object_loss_weight's weights, from the pool's masks
-                weight = weight_from_object_mask(self.pool.object_mask(attrs, cfg.vae.spatial_factor)[times],
-                                                 self.args.object_weight)
-            latents = self.normalise(torch.as_tensor(clip[times]).float())
-            drafts.append(WindowDraft(times, observed, attrs["caption"], latents=latents, weight=weight))
+            picks.append((attrs, sorted(observed + latent), observed))
+        weigh = bool(self.args.object_weight)  # object_loss_weight's weights, from the pool's masks
+        latents, masks = self.pool.gather([(attrs, times) for attrs, times, _ in picks], cfg.vae.spatial_factor, weigh)
+        lengths = [len(times) for _, times, _ in picks]
+        latents = self.normalise(latents.float()).split(lengths)
+        weights = weight_from_object_mask(masks, self.args.object_weight).split(lengths) if weigh else [None] * len(picks)
+        drafts = [WindowDraft(times, observed, attrs["caption"], latents=x, weight=w)
+                  for (attrs, times, observed), x, w in zip(picks, latents, weights)]
         fresh = draw_world_windows(self.rng, 0, images, cfg.dit.max_window, cfg.vae.spatial_factor,
                                    self.args.object_weight)  # single images of fresh worlds
         return DraftBatch(drafts + fresh.windows, fresh.pixels)
 
     def loss(self):
         batch = self.draw()
-        windows, targets, prompts = [], [], []
-        for d, x0 in zip(batch.windows, self.encode_drafts(batch)):
-            is_obs = torch.tensor([t in d.observed for t in d.times])
-            t = sample_training_times(1, self.shift).expand(len(d.times)).clone()
-            t[is_obs] = 0.0
-            # drawn where the step runs: thousands of small CPU draws a step held a GPU step back
-            noise = video_noise(len(x0), tuple(x0.shape[1:]), self.model.cfg.flow.noise_correlation, device=x0.device)
-            is_obs, t = self.to_device(is_obs, t)
-            xt = torch.where(is_obs[:, None, None, None], x0, noisy(x0, noise, t))
-            windows.append(FrameInputs(xt, is_obs, self.to_device(torch.tensor(d.times)), t))
-            weight = self.to_device(d.weight) if d.weight is not None else None
-            targets.append((x0, noise, ~is_obs, weight))
-            prompts.append("" if self.rng.random() < self.model.cfg.flow.text_dropout else d.caption)
+        latents = self.encode_drafts(batch)
+        # Windows of one latent frame size are noised and scored together, so a step launches a few GPU kernels
+        # per frame size rather than dozens per window (at batch 256 on a GPU, kernel launches and the waits of
+        # small copies took most of a step); they are ordered by size, the order being of no other consequence.
+        sizes = list(dict.fromkeys(tuple(x.shape[1:]) for x in latents))
+        order = sorted(range(len(latents)), key=lambda i: sizes.index(tuple(latents[i].shape[1:])))
+        drafts, latents = [batch.windows[i] for i in order], [latents[i] for i in order]
+        lengths = [len(d.times) for d in drafts]
+        # Every frame's flags, noise level, latent-frame index and window, put together here and moved in one
+        # copy each.
+        observed = torch.tensor([t in d.observed for d in drafts for t in d.times])
+        level = sample_training_times(len(drafts), self.shift).repeat_interleave(torch.tensor(lengths))
+        level = level.masked_fill(observed, 0.0)
+        times = torch.tensor([t for d in drafts for t in d.times])
+        window = torch.arange(len(drafts)).repeat_interleave(torch.tensor(lengths))
+        observed, level, times, window = self.to_device(observed, level, times, window)
+        starts = np.cumsum([0] + lengths).tolist()  # each window's first frame
+        windows, groups, first = [], [], 0
+        for size in sizes:
+            group = range(first, first + sum(tuple(x.shape[1:]) == size for x in latents))
+            first = group.stop
+            rows = slice(starts[group.start], starts[group.stop])
+            x0 = torch.cat(latents[group.start:group.stop])
+            noise = windows_noise(window[rows] - group.start, len(group), size, self.model.cfg.flow.noise_correlation)
+            xt = torch.where(observed[rows, None, None, None], x0, noisy(x0, noise, level[rows]))
+            for i in group:
+                frames = slice(starts[i], starts[i + 1])
+                windows.append(FrameInputs(xt[frames.start - rows.start:frames.stop - rows.start], observed[frames],
+                                           times[frames], level[frames]))
+            weight = None
+            if any(drafts[i].weight is not None for i in group):  # windows without one weigh every pixel alike
+                weight = torch.cat([self.to_device(drafts[i].weight) if drafts[i].weight is not None else
+                                    x0.new_ones(lengths[i], *size[1:]) for i in group])
+            groups.append((group, rows, x0, noise, weight))
+        prompts = ["" if self.rng.random() < self.model.cfg.flow.text_dropout else d.caption for d in drafts]
         tokens, mask, pooled = self.text(prompts)
         outs = self.model.dit(windows, tokens, mask, pooled)
-        losses = [flow_loss(o, x0, n, lat, wt) for o, (x0, n, lat, wt) in zip(outs, targets)]
-        return torch.stack(losses).mean(), {}
+        losses = [window_flow_losses(torch.cat(outs[group.start:group.stop]), x0, noise, ~observed[rows],
+                                     window[rows] - group.start, len(group), weight)
+                  for group, rows, x0, noise, weight in groups]
+        return torch.cat(losses).mean(), {}
 
 
 # ------------------------------------------------------------------------------------------------ export

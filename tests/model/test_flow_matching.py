@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from model.flow import (SAMPLERS, flow_loss, get_sampler, guided, noisy, sample_euler, sample_heun,
-                        sample_training_times, shift_time, time_schedule, velocity_target, video_noise)
+                        sample_training_times, shift_time, time_schedule, velocity_target, video_noise,
+                        window_flow_losses, windows_noise)
 
 
 def frames(seed: int, n: int = 4) -> torch.Tensor:
@@ -47,6 +48,32 @@ def test_flow_loss_pixel_weight_shifts_the_share_of_pixels_not_the_scale():
     elsewhere = torch.ones(4, 4, 4)
     elsewhere[:, 1, 1] = 5.0
     assert flow_loss(prediction, x0, noise, latent, elsewhere).item() == pytest.approx(1 / 20)
+
+
+def test_window_flow_losses_score_each_window_as_flow_loss_does():
+    # Three windows of 3, 1 and 4 frames in one batch: the batched loss is each window's own flow_loss, with
+    # pixel weights and observed frames, and a window with no latent frame scores 0.
+    lengths = [3, 1, 4]
+    x0, noise, prediction = frames(0, 8), frames(1, 8), frames(2, 8)
+    latent = torch.tensor([True, False, True, False, False, True, True, True])
+    weight = torch.rand(8, 4, 4, generator=torch.Generator().manual_seed(3)) + 0.1
+    window = torch.arange(3).repeat_interleave(torch.tensor(lengths))
+    batched = window_flow_losses(prediction, x0, noise, latent, window, 3, weight)
+    own = [flow_loss(*(t.split(lengths)[i] for t in (prediction, x0, noise, latent, weight))) for i in range(3)]
+    torch.testing.assert_close(batched, torch.stack(own))
+    assert batched[1].item() == 0.0 and batched[0].item() > 0 and batched[2].item() > 0
+
+
+def test_windows_noise_shares_a_field_within_each_window_only():
+    torch.manual_seed(0)
+    window = torch.arange(2).repeat_interleave(200)
+    noise = windows_noise(window, 2, (4, 8, 8), 0.8).flatten(1)
+    assert noise.std().item() == pytest.approx(1.0, abs=0.1)
+    corr = torch.corrcoef(torch.cat([noise[:20], noise[200:220]]))
+    within = corr[:20, :20][~torch.eye(20, dtype=torch.bool)]
+    assert within.mean().item() == pytest.approx(0.8, abs=0.05)
+    assert corr[:20, 20:].abs().mean().item() < 0.1  # another window's frames: another field
+    assert torch.corrcoef(windows_noise(window, 2, (4, 8, 8), 0.0).flatten(1)[:20]).fill_diagonal_(0).abs().max() < 0.4
 
 
 def test_per_frame_noise_levels():

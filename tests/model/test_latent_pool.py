@@ -105,6 +105,15 @@ def test_worker_processes_build_the_same_pool_and_a_preloaded_pool_draws_tensors
     attrs, latents = parallel.draw(random.Random(0), SIZES[0])
     assert torch.is_tensor(latents) and latents.dtype == torch.float16
     assert torch.is_tensor(parallel.object_mask(attrs, vae.cfg.spatial_factor))
+    # A batch's frames from several clips: one gather from the held tensors, the same frames as read clip by clip.
+    clips = [attrs for _, attrs in parallel.clips[SIZES[0]]]
+    picks = [(a, [len(serial.latents(a["name"])) - 1, 0]) for a in clips] + [(clips[0], [0])]
+    held_latents, held_masks = parallel.gather(picks, vae.cfg.spatial_factor, objects=True)
+    read_latents, read_masks = serial.gather(picks, vae.cfg.spatial_factor, objects=True)
+    assert held_latents.shape[0] == held_masks.shape[0] == 2 * len(clips) + 1
+    torch.testing.assert_close(held_latents, read_latents, rtol=0, atol=0)
+    assert torch.equal(held_masks, read_masks) and not torch.equal(held_latents[0], held_latents[1])
+    assert parallel.gather(picks, vae.cfg.spatial_factor)[1] is None
 
 
 @pytest.mark.timeout(120)
