@@ -99,3 +99,16 @@ def test_training_benchmark_builds_a_latent_pool_and_trains_on_its_windows(tmp_p
     report = json.loads(out.read_text())
     assert report["pool_clips"] == 1 and report["pool_build_s"] > 0 and report["steps_timed"] == 1
     assert "windows from 1 pool clips" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(300)
+def test_training_benchmark_counts_the_operators_a_step_dispatches(tmp_path):
+    out = tmp_path / "dispatches.json"
+    assert main(["bench", "train", "--batch", "1", "--warmup", "1", "--steps", "1", "--device", "cpu",
+                 "--dispatches", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    # forward, backward, optimiser and EMA of the demo DiT: thousands, counted over the steps after the first
+    # step of the resumed run (that one holds the loading of the model too)
+    assert 1000 < report["dispatches_per_step"] < 20000 and report["steps_timed"] == 1
+    with pytest.raises(SystemExit):
+        main(["bench", "train", "--pool", str(tmp_path), "--pool-clips", "1"])
