@@ -5,6 +5,7 @@ import json
 import random
 import re
 import shutil
+import types
 
 import pytest
 import torch
@@ -433,3 +434,18 @@ def test_the_vae_object_weight_counts_errors_on_and_beside_objects_more():
     # Normalised to mean 1: an error everywhere costs what it costs under the plain mean.
     everywhere = torch.full((1, 3, 1, 16, 16), 0.5)
     assert float(weighted_mean(everywhere, weight)) == pytest.approx(float(weighted_mean(everywhere, None)))
+
+
+def test_ema_blends_float_tensors_and_copies_the_rest():
+    net = torch.nn.BatchNorm1d(3)  # float weights and running stats, and an integer batch counter
+    trainer = types.SimpleNamespace(module=lambda: net, ema=None)
+    model.train.Trainer.update_ema(trainer, 0.9)  # the first call copies the weights
+    first = {k: v.clone() for k, v in trainer.ema.items()}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    net.num_batches_tracked.add_(5)
+    model.train.Trainer.update_ema(trainer, 0.9)
+    torch.testing.assert_close(trainer.ema["weight"], first["weight"] + 0.1)
+    torch.testing.assert_close(trainer.ema["bias"], first["bias"])
+    assert trainer.ema["num_batches_tracked"].item() == 5
+    assert trainer.ema["weight"].data_ptr() != net.weight.data_ptr()
