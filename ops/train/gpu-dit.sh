@@ -9,7 +9,7 @@
 #   MINUTES=15 STEPS=30000 BATCH=32 bash ops/train/gpu-dit.sh
 #   TEXT_STEPS=8000 MINUTES=20 bash ops/train/gpu-dit.sh     # first teach the text encoder shapes
 #   INIT=.carry/ck OBJECT_WEIGHT=1 MINUTES=20 bash ops/train/gpu-dit.sh   # go on from another exported checkpoint
-#   POOL_CLIPS=300 BATCH=512 MINUTES=6 bash ops/train/gpu-dit.sh    # windows from a latent pool held on the GPU
+#   POOL_CLIPS=300 BATCH=512 CALL_SECONDS=560 bash ops/train/gpu-dit.sh   # a pool held on the GPU; fit a call
 #   DIT_CONFIG='{"patch": 2}' POOL_CLIPS=300 MINUTES=6 bash ops/train/gpu-dit.sh    # 2x2 patches, blocks warm
 #
 # The learning rate anneals over the MINUTES where they end before STEPS (--anneal-in-time), so the run ends
@@ -28,6 +28,11 @@ cd "$(dirname "$0")/../.."
 out=${OUT:-gpu-out}
 run=${RUN:-$(mktemp -d)/run}
 minutes=${MINUTES:-15}
+# The whole script's budget in seconds (0: none). A lent machine's call has a hard limit (10 minutes here) that
+# holds the install, the pool build and the export too; with CALL_SECONDS the training gets what is left of
+# it once the pool is built, less a minute for saving and exporting, instead of a guessed MINUTES.
+call_seconds=${CALL_SECONDS:-0}
+started=$(date +%s)
 steps=${STEPS:-30000}
 batch=${BATCH:-32}
 lr=${LR:-3e-4}
@@ -88,6 +93,10 @@ if [ "$pool_clips" -gt 0 ]; then
   windows=(--latents)
 else
   windows=(--loader-workers "$loader_workers")
+fi
+if [ "$call_seconds" -gt 0 ]; then
+  minutes=$(python3 -c "print(round(max(0.5, ($call_seconds - ($(date +%s) - $started) - 60) / 60), 2))")
+  echo "training for $minutes min of the call's $call_seconds s"
 fi
 python3 -m model.train dit --run "$run" --init-from "$init" --steps "$steps" --batch "$batch" \
   --images "$images" --object-weight "$object_weight" --lr "$lr" --minutes "$minutes" --anneal-in-time \
