@@ -237,6 +237,8 @@ class LatentPool:
         From a pool held on a GPU (:meth:`preload`), picks of one frame size come in one gather: indexing clip by
         clip moves a small index to the GPU and waits for it, twice a window, hundreds of times a training step.
         """
+        if not picks:
+            raise ValueError("gather: no clips picked")
         sizes = {(attrs["width"], attrs["height"]) for attrs, _ in picks}
         size = next(iter(sizes))
         if len(sizes) == 1 and size in self._held and (not objects or size in self._held_objects):

@@ -849,13 +849,17 @@ class DiTTrainer(Trainer):
             attrs, clip = self.pool.draw(self.rng, video_size)
             observed, latent = sample_window(self.rng, len(clip), cfg.dit.max_window)
             picks.append((attrs, sorted(observed + latent), observed))
-        weigh = bool(self.args.object_weight)  # object_loss_weight's weights, from the pool's masks
-        latents, masks = self.pool.gather([(attrs, times) for attrs, times, _ in picks], cfg.vae.spatial_factor, weigh)
-        lengths = [len(times) for _, times, _ in picks]
-        latents = self.normalise(latents.float()).split(lengths)
-        weights = weight_from_object_mask(masks, self.args.object_weight).split(lengths) if weigh else [None] * len(picks)
-        drafts = [WindowDraft(times, observed, attrs["caption"], latents=x, weight=w)
-                  for (attrs, times, observed), x, w in zip(picks, latents, weights)]
+        drafts = []
+        if picks:  # (at batch 1, this step's one window may be an image)
+            weigh = bool(self.args.object_weight)  # object_loss_weight's weights, from the pool's masks
+            latents, masks = self.pool.gather([(attrs, times) for attrs, times, _ in picks], cfg.vae.spatial_factor,
+                                              weigh)
+            lengths = [len(times) for _, times, _ in picks]
+            latents = self.normalise(latents.float()).split(lengths)
+            weights = (weight_from_object_mask(masks, self.args.object_weight).split(lengths) if weigh
+                       else [None] * len(picks))
+            drafts = [WindowDraft(times, observed, attrs["caption"], latents=x, weight=w)
+                      for (attrs, times, observed), x, w in zip(picks, latents, weights)]
         fresh = draw_world_windows(self.rng, 0, images, cfg.dit.max_window, cfg.vae.spatial_factor,
                                    self.args.object_weight)  # single images of fresh worlds
         return DraftBatch(drafts + fresh.windows, fresh.pixels)

@@ -153,6 +153,9 @@ def test_the_dit_trains_on_pool_windows(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(LatentPool, "open", classmethod(preloaded))
     assert main(["dit", *common, "--steps", "3", "--batch", "2", "--object-weight", "4", "--latents"]) == 0
     assert "step 3/3" in capsys.readouterr().out
+    # At batch 1 a step's one window is a fresh image half the time: such steps take no pool frames.
+    assert main(["dit", *common, "--steps", "9", "--batch", "1", "--object-weight", "4", "--latents"]) == 0
+    assert "step 9/9" in capsys.readouterr().out
     monkeypatch.undo()
     # A VAE trained further has another latent space: its DiT refuses the old pool.
     assert main(["vae", *common, "--steps", "2", "--batch", "1"]) == 0
