@@ -353,7 +353,19 @@ def build_pool(vae: torch.nn.Module, path: str | Path, clips: int, *, sizes: tup
                                              num_workers=min(workers, len(todo)), prefetch_factor=4)))
     arrays: dict[int, tuple[zarr.Array, ClipSpec]] = {}
     start, done = time.time(), 0
+    # Where the build's time goes, for the closing line: waiting for drawn frames (the drawing is the limit),
+    # encoding them (the encoder, and the GPU's results copied back), or writing the store.
+    spent = {"waiting for frames": 0.0, "encoding": 0.0, "writing": 0.0}
+    mark = time.perf_counter()
+
+    def lap(what: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        spent[what] += now - mark
+        mark = now
+
     for kind, index, lo, data in work:
+        lap("waiting for frames")
         if index not in arrays:
             clip = clip_spec(index, seed, sizes)
             h, w = clip.height // factor, clip.width // factor
@@ -365,14 +377,21 @@ def build_pool(vae: torch.nn.Module, path: str | Path, clips: int, *, sizes: tup
                             "caption": caption(sample_world(clip.world_seed)), "complete": False}), clip)
         array, clip = arrays[index]
         if kind == "pixels":
-            array[lo:lo + len(data)] = encode_pixel_groups(vae, data).to("cpu", torch.float16).numpy()
+            latents = encode_pixel_groups(vae, data).to("cpu", torch.float16).numpy()
+            lap("encoding")
+            array[lo:lo + len(data)] = latents
+            lap("writing")
             continue
         # A clip's object mask comes after all of its pixels: the clip is complete.
         write_mask(index, data.numpy())
         array.attrs["complete"] = True  # only now does the clip count
+        lap("writing")
         del arrays[index]
         done += 1
         rate = done / max(time.time() - start, 1e-9)
         log(f"[latents] clip {index} ({clip.width}x{clip.height}, {clip.seconds} s at {clip.fps} fps, "
             f"{clip.num_latents} latent frames) done; {done}/{len(todo)}, eta {(len(todo) - done) / rate / 60:.1f} min")
+        mark = time.perf_counter()  # the log line is nobody's time
+    log(f"[latents] {done} clips in {time.time() - start:.1f} s: " + ", ".join(f"{what} {seconds:.1f} s"
+                                                                            for what, seconds in spent.items()))
     return LatentPool.open(path, vae)

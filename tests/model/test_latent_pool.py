@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -93,6 +94,8 @@ def test_worker_processes_build_the_same_pool_and_a_preloaded_pool_draws_tensors
     lines: list[str] = []
     parallel = build_pool(vae, tmp_path / "parallel.zarr", 3, sizes=SIZES, seed=5, workers=2, log=lines.append)
     assert sum("done;" in line for line in lines) == 3
+    assert re.fullmatch(r"\[latents\] 3 clips in [\d.]+ s: waiting for frames [\d.]+ s, encoding [\d.]+ s, "
+                        r"writing [\d.]+ s", lines[-1])
     names = sorted(name for clips in serial.clips.values() for name, _ in clips)
     assert names == sorted(name for clips in parallel.clips.values() for name, _ in clips)
     for name in names:
