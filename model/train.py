@@ -26,6 +26,7 @@ one-frame windows, and several aspect ratios packed into one batch.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -870,7 +871,8 @@ class DiTTrainer(Trainer):
         # Windows of one latent frame size are noised and scored together, so a step launches a few GPU kernels
         # per frame size rather than dozens per window (at batch 256 on a GPU, kernel launches and the waits of
         # small copies took most of a step); they are ordered by size, the order being of no other consequence.
-        sizes = list(dict.fromkeys(tuple(x.shape[1:]) for x in latents))
+        counts = collections.Counter(tuple(x.shape[1:]) for x in latents)  # windows per size, in order seen
+        sizes = list(counts)
         order = sorted(range(len(latents)), key=lambda i: sizes.index(tuple(latents[i].shape[1:])))
         drafts, latents = [batch.windows[i] for i in order], [latents[i] for i in order]
         lengths = [len(d.times) for d in drafts]
@@ -885,11 +887,12 @@ class DiTTrainer(Trainer):
         starts = np.cumsum([0] + lengths).tolist()  # each window's first frame
         windows, groups, first = [], [], 0
         for size in sizes:
-            group = range(first, first + sum(tuple(x.shape[1:]) == size for x in latents))
+            group = range(first, first + counts[size])
             first = group.stop
             rows = slice(starts[group.start], starts[group.stop])
             x0 = torch.cat(latents[group.start:group.stop])
-            noise = windows_noise(window[rows] - group.start, len(group), size, self.model.cfg.flow.noise_correlation)
+            local = window[rows] - group.start  # each frame's window within the group
+            noise = windows_noise(local, len(group), size, self.model.cfg.flow.noise_correlation)
             xt = torch.where(observed[rows, None, None, None], x0, noisy(x0, noise, level[rows]))
             for i in group:
                 frames = slice(starts[i], starts[i + 1])
@@ -899,13 +902,13 @@ class DiTTrainer(Trainer):
             if any(drafts[i].weight is not None for i in group):  # windows without one weigh every pixel alike
                 weight = torch.cat([self.to_device(drafts[i].weight) if drafts[i].weight is not None else
                                     x0.new_ones(lengths[i], *size[1:]) for i in group])
-            groups.append((group, rows, x0, noise, weight))
+            groups.append((group, rows, local, x0, noise, weight))
         prompts = ["" if self.rng.random() < self.model.cfg.flow.text_dropout else d.caption for d in drafts]
         tokens, mask, pooled = self.text(prompts)
         outs = self.model.dit(windows, tokens, mask, pooled)
-        losses = [window_flow_losses(torch.cat(outs[group.start:group.stop]), x0, noise, ~observed[rows],
-                                     window[rows] - group.start, len(group), weight)
-                  for group, rows, x0, noise, weight in groups]
+        losses = [window_flow_losses(torch.cat(outs[group.start:group.stop]), x0, noise, ~observed[rows], local,
+                                     len(group), weight)
+                  for group, rows, local, x0, noise, weight in groups]
         return torch.cat(losses).mean(), {}
 
 

@@ -3,14 +3,14 @@
 Trains the shipped checkpoint's DiT (or --init-from's) on clips drawn on the fly, as `ops/train/gpu-dit.sh`
 does, or with --pool-clips N on windows of an N-clip latent pool built first (its build time reported too, the
 worlds drawn by the --loader-workers), in a temporary run: the first --warmup steps (data loader start, kernel
-choice, caches) are left out, the next --steps timed from the run's own log. With --profile, the torch profiler's table of the costliest
-operators follows (by GPU time on a GPU, else CPU time), to tell a step waiting for its data from a step
-waiting for its kernels. --pool PATH trains on an existing latent pool instead (one built by the same VAE
+choice, caches) are left out, the next --steps timed from the run's own log. With --profile, the torch
+profiler's table of the costliest operators follows (by GPU time on a GPU, else CPU time), to tell a step
+waiting for its data from a step waiting for its kernels. --pool PATH trains on an existing latent pool instead (one built by the same VAE
 encoder, e.g. a run's `latents.zarr`).
 
 With --dispatches, a few more steps run under a mode that counts every operator the step dispatches (forward,
-backward, optimiser, EMA; the run's set-up left out) and reports them per step: on a GPU each is a kernel
-launch or a copy, so a step that dispatches per window is bound by Python, not the GPU, and the count shows it
+backward, optimiser, EMA; the run's set-up left out) and reports them per step: on a GPU most of them are
+kernel launches, so a step that dispatches per window is bound by Python, not the GPU, and the count shows it
 on any machine. The counting slows those steps; they are not in the timing.
 
 Run:  python ops/bench/bench_train.py [--batch 64] [--loader-workers 14] [--steps 30] [--device auto] [--profile]

@@ -54,7 +54,6 @@ def test_pool_holds_each_clip_as_encoded_on_the_fly_and_resumes_after_a_cut(tmp_
     assert len(pool) == 3
 
 
-
 @pytest.mark.timeout(120)
 def test_pool_keeps_each_clips_object_masks_and_fills_them_in_for_an_older_pool(tmp_path):
     vae = tiny_vae(0)
@@ -84,7 +83,6 @@ def test_pool_keeps_each_clips_object_masks_and_fills_them_in_for_an_older_pool(
     lines: list[str] = []
     filled = build_pool(vae, path, 2, sizes=SIZES, seed=3, log=lines.append)
     assert filled.object_names == set(stored) and any("object masks of 2/2 earlier clips" in line for line in lines)
-
 
 
 @pytest.mark.timeout(180)
