@@ -46,8 +46,18 @@ class VAEConfig:
     # autoencoders, so the convolutions learn only what the rearranged pixels miss. Off in every preset: on the
     # x4 demo VAE they held training near 12 dB for 400 steps where the plain VAE reached 15 dB.
     shortcuts: bool = False
+    # A decoder that reads the prompt: the width of the text encoder's per-token embeddings it attends to, and
+    # its attention heads (0: a decoder of the latents alone). The DiT of the demo model places a blob of the
+    # prompted colour where an object goes but draws no corners (MODEL_CARD.md, "Every shape comes out round");
+    # with the caption the decoder can draw the shape the prompt names for that colour. Attention is per latent
+    # pixel of each latent frame, so decoding stays causal and chunked decodes equal one-shot ones.
+    caption_width: int = 0
+    caption_heads: int = 4
 
     def __post_init__(self) -> None:
+        if self.caption_width and (self.caption_heads <= 0 or self.channels[-1] % self.caption_heads):
+            raise ValueError(f"vae.caption_heads: {self.caption_heads} must be positive and divide the decoder's "
+                             f"last channels ({self.channels[-1]})")
         stages = 2 ** (len(self.channels) - 1)
         if self.spatial_factor != stages:
             raise ValueError(f"vae.spatial_factor: {self.spatial_factor} does not match vae.channels "

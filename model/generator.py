@@ -80,6 +80,9 @@ class VideoModel(nn.Module):
         with _quiet_open_clip():
             self.text = TextEncoder(cfg.text)
         self.dit = VideoDiT(cfg.dit, cfg.vae.latent_channels, self.text.width, self.text.embed_dim)
+        if cfg.vae.caption_width and cfg.vae.caption_width != self.text.width:
+            raise ValueError(f"vae.caption_width: {cfg.vae.caption_width} must equal the text encoder's token "
+                             f"width ({self.text.width}), which the decoder attends to")
 
     def parameter_counts(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in getattr(self, name).parameters()) for name in ("vae", "text", "dit")}
@@ -421,7 +424,8 @@ class Generator:
         return z[0].transpose(0, 1).float().cpu()
 
     @torch.no_grad()
-    def decode_float(self, latents: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_float(self, latents: torch.Tensor, context: torch.Tensor | None = None,
+                     prompt: str | None = None) -> torch.Tensor:
         """Like :meth:`decode` but returns float pixels on the 0..255 scale before rounding, (T, H, W, 3)."""
         c = self.latent_channels
         for name, t in (("latents", latents), ("context", context)):
@@ -434,23 +438,35 @@ class Generator:
                              f"{tuple(latents.shape[2:])}")
         z = latents if context is None or not len(context) else torch.cat([context, latents])
         z = z.to(self.device, torch.float32) / self.config.latent_scale + self.config.latent_shift
+        caption = None
+        if self.model.vae.reads_caption:
+            text = self.encode_text([prompt or ""])
+            caption = (text.tokens.to(self.device, torch.float32), text.mask.to(self.device))
         # TF32 convolutions would make a chunked decode differ from a one-shot decode by more than rounding.
         with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
             frames = self.model.vae.decode_frames(z.transpose(0, 1)[None],
-                                                  from_start=context is None or not len(context))
+                                                  from_start=context is None or not len(context), caption=caption)
         frames = frames[0].permute(1, 2, 3, 0)  # (T, H, W, 3)
         if context is not None and len(context):
             frames = frames[-self.config.vae.temporal_factor * len(latents):]
         return ((frames.float().clamp(-1, 1) + 1) * 127.5).cpu()
 
-    def decode(self, latents: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, context: torch.Tensor | None = None,
+               prompt: str | None = None) -> torch.Tensor:
         """Latents (n, C, h, w) -> uint8 frames (T, H, W, 3).
 
         ``context=None``: the latents start the video, giving 1 + 4(n-1) frames. Otherwise ``context`` is the
         latent frames just before ``latents`` (up to :attr:`decode_context` of them, or all from latent 0) and
         the result is exactly the 4n frames of ``latents``, equal to the same frames of a one-shot decode.
+        ``prompt``: what the video shows, for a decoder that reads it (``reads_prompt``; the demo model's draws
+        the shapes the prompt names); ``None`` decodes as for the empty prompt. Other decoders ignore it.
         """
-        return self.decode_float(latents, context).round().to(torch.uint8)
+        return self.decode_float(latents, context, prompt).round().to(torch.uint8)
+
+    @property
+    def reads_prompt(self) -> bool:
+        """Whether the decoder draws from the prompt as well as the latents (decode with ``prompt=``)."""
+        return self.model.vae.reads_caption
 
 
 def _state_hash(model: nn.Module) -> str:

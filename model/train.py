@@ -61,6 +61,8 @@ VIDEO_SIZES = ((128, 80), (80, 128), (96, 96), (128, 64))
 # Noise levels the DiT's estimates are made from when the decoder trains on them (`--generated`): a render's
 # last sampling step starts at ~0.3 (8 Euler steps at shift 3).
 GENERATED_NOISE = (0.05, 0.5)
+# Share of the batches in which a decoder that reads the prompt is given the empty prompt instead.
+CAPTION_DROP = 0.1
 IMAGE_SIZES = ((128, 80), (96, 96), (64, 112))
 
 
@@ -395,8 +397,16 @@ class VAETrainer(Trainer):
         self.latent_stats: dict = {}
         if self.decoder_only:
             self.load_frozen_encoder(model)
+        self.object_error: dict[str, float] = {}
+        self.circled = float(getattr(args, "circled", 0.0) or 0.0)
+        if not 0.0 <= self.circled <= 1.0 - self.generated:
+            raise ValueError(f"--circled: {self.circled!r} must be a share in [0, 1 - --generated]")
+        if self.circled and not (self.decoder_only and model.vae.reads_caption):
+            raise ValueError("--circled: needs --decoder-only and a decoder that reads the prompt "
+                             "(vae.caption_width in the run's model.json)")
         if self.generated:
             model.dit.eval().requires_grad_(False)
+        if self.generated or model.vae.reads_caption:
             model.text.eval().requires_grad_(False)
 
     def load_frozen_encoder(self, model: VideoModel) -> None:
@@ -404,7 +414,11 @@ class VAETrainer(Trainer):
         statistics instead (its decoder is warm-started by :meth:`resume`, so it may have another design)."""
         init_from = Path(self.args.init_from) if self.args.init_from else None
         if self.paths.weights.is_file():
-            model.vae.load_state_dict(load_file(str(self.paths.weights)))
+            # A run unpacked from a decoder without caption attention lacks its tensors; they start fresh.
+            missing, unexpected = model.vae.load_state_dict(load_file(str(self.paths.weights)), strict=False)
+            if unexpected or any(not k.startswith("decoder.caption.") for k in missing):
+                raise KeyError(f"vae: {self.paths.weights} does not fit the run's VAE: missing {missing[:4]}, "
+                               f"unexpected {unexpected[:4]}")
             meta = json.loads(self.paths.meta.read_text())
         elif init_from is not None:
             encoder = {k: v for k, v in warm_start_state(init_from, "vae").items() if k.startswith("encoder.")}
@@ -426,12 +440,13 @@ class VAETrainer(Trainer):
     def state_path(self) -> Path:
         return self.paths.dir / ("state-decoder.pt" if self.decoder_only else "state.pt")
 
-    def batch(self, objects: bool = False) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    def batch(self, objects: bool = False, circled: bool = False):
         """A batch of same-sized clips, mostly 9-frame videos (3 latents), some single images; their captions;
-        and, with ``objects``, the pixels objects cover in them, bool (B, 1, T, H, W) (else None)."""
+        with ``objects``, the pixels objects cover in them, bool (B, 1, T, H, W) (else None); with ``circled``,
+        the same clips with every object drawn as a circle (else None)."""
         w, h = self.rng.choice(VIDEO_SIZES)
         num_frames = 1 if self.rng.random() < 0.2 else 9
-        clips, captions, masks = [], [], []
+        clips, captions, masks, circles = [], [], [], []
         for _ in range(self.args.batch):
             spec = sample_world(self.rng.randrange(EVAL_SEED_BASE))
             fps = self.rng.choice((8, 12, 24, 30))
@@ -441,8 +456,21 @@ class VAETrainer(Trainer):
             captions.append(caption(spec))
             if objects:
                 masks.append(torch.from_numpy(object_mask(spec, frames, fps=fps, width=w, height=h)))
+            if circled:
+                circles.append(to_pixels(render_frames(all_circles(spec), frames, fps=fps, width=w, height=h)))
         return (self.to_device(torch.stack(clips)), captions,
-                self.to_device(torch.stack(masks)[:, None]) if objects else None)
+                self.to_device(torch.stack(masks)[:, None]) if objects else None,
+                self.to_device(torch.stack(circles)) if circled else None)
+
+    def caption_tokens(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(tokens, mask) of the captions for a decoder that reads them, each dropped to the empty prompt
+        CAPTION_DROP of the time so that the decoder also decodes without one (a plain VAE round trip)."""
+        if not self.model.vae.reads_caption:
+            return None
+        kept = [c if self.rng.random() >= CAPTION_DROP else "" for c in captions]
+        with torch.no_grad():
+            text = self.model.text.encode(kept)
+        return text.tokens.float(), text.mask
 
     @torch.no_grad()
     def generated_latents(self, mean: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -469,16 +497,27 @@ class VAETrainer(Trainer):
         return estimates.transpose(1, 2) / scale + shift
 
     def loss(self):
-        video, captions, objects = self.batch(objects=bool(self.args.object_weight))
+        draw = self.rng.random()
+        source = "generated" if draw < self.generated else "circled" if draw < self.generated + self.circled else "own"
+        video, captions, objects, circles = self.batch(objects=bool(self.args.object_weight),
+                                                       circled=source == "circled")
         weight = object_pixel_weight(objects, self.args.object_weight) if objects is not None else None
         if self.decoder_only:
             self.model.vae.encoder.eval()
-        if self.generated and self.rng.random() < self.generated:
+        words = self.caption_tokens(captions)
+        if source == "generated":
             with torch.no_grad():
                 mean, logvar = self.model.vae.encode_dist(video)
-            recon = self.model.vae.decode_frames(self.generated_latents(mean, captions), from_start=True)
+            recon = self.model.vae.decode_frames(self.generated_latents(mean, captions), from_start=True,
+                                                 caption=words)
+        elif source == "circled":
+            # The latents of the same clips with every object a circle; the frames to draw are the clips
+            # themselves, so what tells a circle from a square is the caption alone.
+            with torch.no_grad():
+                mean, logvar = self.model.vae.encode_dist(circles)
+            recon = self.model.vae.decode_frames(mean, from_start=True, caption=words)
         else:
-            recon, mean, logvar = self.model.vae(video)
+            recon, mean, logvar = self.model.vae(video, caption=words)
         error = recon - video
         l1 = weighted_mean(error.abs(), weight)
         mse = weighted_mean(error.pow(2), weight)
@@ -487,7 +526,15 @@ class VAETrainer(Trainer):
         edges = gradient_loss(recon, video)
         seams = seam_loss(recon, video, self.model.cfg.vae.temporal_factor)
         loss = l1 + mse + self.args.edge * edges + self.args.seam * seams + self.args.kl * kl
-        return loss, {"psnr": psnr.item(), "kl": kl.item(), "edges": edges.item(), "seams": seams.item()}
+        values = {"psnr": psnr.item(), "kl": kl.item(), "edges": edges.item(), "seams": seams.item()}
+        if objects is not None and (self.generated or self.circled):
+            # Squared error on the objects' pixels, a running mean per kind of latents: whether the decoder
+            # learns to draw the shapes the DiT's latents (or the circles) miss shows here and not in the loss.
+            error_here = error.detach().pow(2).mean(1, keepdim=True)[objects].mean().item()
+            self.object_error[source] = error_here if source not in self.object_error else (
+                0.95 * self.object_error[source] + 0.05 * error_here)
+            values.update({f"objects_{k}": v for k, v in sorted(self.object_error.items())})
+        return loss, values
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -509,9 +556,16 @@ class VAETrainer(Trainer):
         extra = {"decoder_steps": self.step, "encoder_steps": self.encoder_steps} if self.decoder_only else {}
         if self.generated:
             extra["generated"] = self.generated
+        if self.circled:
+            extra["circled"] = self.circled
         if self.args.object_weight:
             extra["object_weight"] = self.args.object_weight
         return {**self.latent_stats, **extra}
+
+
+def all_circles(spec):
+    """The world ``spec`` with every object drawn as a circle: what the DiT of the demo model makes of any shape."""
+    return dataclasses.replace(spec, objects=tuple(dataclasses.replace(o, shape="circle") for o in spec.objects))
 
 
 # ------------------------------------------------------------------------------------------ text encoder
@@ -1039,6 +1093,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generated", type=float, default=0.0, metavar="P",
                         help="vae --decoder-only: share of batches decoded from the run's DiT's clean-latent "
                              "estimates of the clips instead of the encoder's latents (needs the run's text and dit)")
+    parser.add_argument("--circled", type=float, default=0.0, metavar="P",
+                        help="vae --decoder-only with a decoder that reads the prompt: share of batches decoded "
+                             "from the latents of the same clips with every object a circle, to the clips "
+                             "themselves (the caption alone then tells the shape)")
     parser.add_argument("--decoder-only", action="store_true",
                         help="vae: train the decoder alone on the frozen encoder (the latent space stays fixed)")
     parser.add_argument("--init-from", default=None, metavar="DIR",
@@ -1126,8 +1184,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "dit":
         model, _ = build_model(args.preset, run, ("vae", "text"))
         trainer: Trainer = DiTTrainer(args, model.to(device))
-    elif args.part == "vae" and args.generated and args.decoder_only:
-        model, _ = build_model(args.preset, run, ("text", "dit"))  # the run's own DiT makes the latents
+    elif args.part == "vae" and args.decoder_only and (args.generated or run_config(args.preset, run).vae.caption_width):
+        # The run's own DiT makes the latents; its text encoder reads the captions.
+        model, _ = build_model(args.preset, run, ("text", "dit") if args.generated else ("text",))
         trainer = VAETrainer(args, model.to(device))
     else:
         with _quiet_open_clip():

@@ -203,6 +203,37 @@ class TimeUnpack(nn.Module):
         return frames.permute(0, 2, 3, 1, 4, 5).reshape(b, c, t * self.tf, h, w)
 
 
+class CaptionAttention(nn.Module):
+    """Each latent pixel's features attend to the prompt's tokens: the decoder learns what to draw for a
+    region of a colour from the words about that colour.
+
+    The tokens first pass one self-attention layer of their own, which can bind each shape word to the colour
+    word before it (the text encoder was trained contrastively and barely tells shapes apart in its pooled
+    embedding). The output projection starts at zero, so a decoder warm-started from one without captions
+    begins exactly as it was.
+    """
+
+    def __init__(self, channels: int, text_width: int, heads: int):
+        super().__init__()
+        self.project = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, channels))
+        self.bind = nn.TransformerEncoderLayer(channels, heads, 2 * channels, dropout=0.0, batch_first=True,
+                                               norm_first=True)
+        self.norm = nn.LayerNorm(channels)
+        self.attend = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, C, T, h, w); tokens (B, L, D) and mask (B, L), True where a token is real."""
+        b, c, t, h, w = x.shape
+        padding = ~mask.bool()
+        words = self.bind(self.project(tokens.to(x.dtype)), src_key_padding_mask=padding)
+        queries = self.norm(x.permute(0, 2, 3, 4, 1).reshape(b, t * h * w, c))
+        seen, _ = self.attend(queries, words, words, key_padding_mask=padding, need_weights=False)
+        return x + self.out(seen).reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+
+
 class Decoder(nn.Module):
     """Latents (B, C, T_lat, h, w) to frames (B, 3, tf*T_lat, H, W).
 
@@ -216,6 +247,7 @@ class Decoder(nn.Module):
         self.tf = tf
         self.conv_in = FrameConv(cfg.latent_channels, ch[-1], 3, padding=1)
         self.temporal = nn.Sequential(*[CausalResBlock(ch[-1], cfg.kernel_t) for _ in range(cfg.temporal_blocks)])
+        self.caption = CaptionAttention(ch[-1], cfg.caption_width, cfg.caption_heads) if cfg.caption_width else None
         self.frame_rate = cfg.frame_blocks > 0
         if self.frame_rate:
             self.unpack = TimeUnpack(ch[-1], tf)
@@ -238,11 +270,18 @@ class Decoder(nn.Module):
         self.norm_out = PixelNorm(ch[0]) if cfg.output_norm else nn.Identity()
         self.conv_out = FrameConv(ch[0], 3 if self.frame_rate else 3 * tf, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, caption: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``caption``: the prompt's (tokens, mask) for a decoder that reads it (``VAEConfig.caption_width``),
+        one per video; a decoder that does not ignores it."""
         x = self.conv_in(z)
         if self.shortcut:  # the latents repeated up to the feature channels
             x = x + z.repeat_interleave(self.features // z.shape[1], dim=1)
         x = self.temporal(x)
+        if self.caption is not None:
+            if caption is None:
+                raise ValueError("caption: this decoder reads the prompt; pass its tokens (the empty prompt's "
+                                 "for none)")
+            x = self.caption(x, *caption)
         if self.frame_rate:
             x = self.frame_temporal(self.unpack(x))
         out = self.conv_out(F.silu(self.norm_out(self.up(x))))
@@ -302,14 +341,21 @@ class CausalVAE(nn.Module):
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def decode_frames(self, z: torch.Tensor, *, from_start: bool) -> torch.Tensor:
-        """Decode latents to frames in [-1, 1]. From the start of a video, latent 0 yields one frame."""
-        frames = self.decoder(z)
+    @property
+    def reads_caption(self) -> bool:
+        return self.decoder.caption is not None
+
+    def decode_frames(self, z: torch.Tensor, *, from_start: bool,
+                      caption: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Decode latents to frames in [-1, 1]. From the start of a video, latent 0 yields one frame.
+        ``caption``: (tokens, mask) of each video's prompt, for a decoder that reads it."""
+        frames = self.decoder(z, caption)
         if from_start:
             frames = frames[:, :, self.cfg.temporal_factor - 1 :]
         return frames
 
-    def forward(self, video: torch.Tensor, sample: bool = True):
+    def forward(self, video: torch.Tensor, sample: bool = True,
+                caption: tuple[torch.Tensor, torch.Tensor] | None = None):
         mean, logvar = self.encode_dist(video)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
-        return self.decode_frames(z, from_start=True), mean, logvar
+        return self.decode_frames(z, from_start=True, caption=caption), mean, logvar

@@ -618,12 +618,13 @@ def plan_boundaries(plan: Any, num_frames: int) -> dict[str, list[int]]:
 # ----------------------------------------------------------------------------------------------------- models
 
 
-def reconstruct(generator: Any, frames: np.ndarray) -> np.ndarray:
-    """``generator``'s VAE round trip of uint8 frames (T, H, W, 3), as uint8 frames of the same length."""
+def reconstruct(generator: Any, frames: np.ndarray, prompt: str | None = None) -> np.ndarray:
+    """``generator``'s VAE round trip of uint8 frames (T, H, W, 3), as uint8 frames of the same length; a
+    decoder that reads the prompt is given ``prompt`` (a render's decode tasks give it the job's)."""
     import torch
 
     with torch.no_grad():
-        decoded = generator.decode(generator.encode(frames))
+        decoded = generator.decode(generator.encode(frames), prompt=prompt)
     return np.asarray(decoded.cpu().numpy() if hasattr(decoded, "cpu") else decoded)[:len(frames)]
 
 
@@ -632,8 +633,8 @@ def vae_psnr(generator: Any, *, clips: int = 4, num_frames: int = 17, width: int
     """Mean reconstruction PSNR of ``generator.encode``/``decode`` on held-out world clips."""
     values = []
     for k in range(clips):
-        frames, _, _ = world.render_clip(seed_base + k, num_frames, fps, width, height)
-        values.append(psnr(frames, reconstruct(generator, frames)))
+        frames, _, text = world.render_clip(seed_base + k, num_frames, fps, width, height)
+        values.append(psnr(frames, reconstruct(generator, frames, text)))
     finite = [v for v in values if math.isfinite(v)]
     mean = float(np.mean(finite)) if len(finite) == len(values) else math.inf
     return {"psnr": round(mean, 3), "per_clip": [round(v, 3) for v in values], "clips": clips,
@@ -654,7 +655,7 @@ def reconstruction_ceiling(generator: Any, prompts: Sequence[tuple[int, str]], *
     for seed, prompt in prompts:
         frames = world.render_frames(world.sample_world(seed), range(num_frames), fps=fps, width=width,
                                      height=height)
-        result = evaluate_video(reconstruct(generator, frames), prompt, fps, boundaries, adherence_seconds=seconds)
+        result = evaluate_video(reconstruct(generator, frames, prompt), prompt, fps, boundaries, adherence_seconds=seconds)
         adherence.append(result["adherence"])
         seams.append(result["seam_ratio"])
     return {"adherence": _rounded(_mean(adherence)), "seam_ratio": _rounded(_mean(seams)),
@@ -698,7 +699,7 @@ def denoising_error(generator: Any, prompts: Sequence[tuple[int, str]], *, width
     kept: dict[float, list[float | None]] = {level: [] for level in (0.0, *levels)}
 
     def adherence_of(latents: Any, prompt: str) -> float | None:
-        frames = _as_frames(generator.decode(latents))
+        frames = _as_frames(generator.decode(latents, prompt=prompt))
         return evaluate_video(frames, prompt, fps, adherence_seconds=len(frames) / fps)["adherence"]
 
     for k, (world_seed, prompt) in enumerate(prompts):
@@ -791,7 +792,7 @@ def window_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, widt
     for k, (_, prompt) in enumerate(prompts):
         latents = generator.sample(window, None, prompt, seed=seed + k, steps=steps, guidance=guidance,
                                    guidance_rescale=guidance_rescale)
-        frames = generator.decode(latents).numpy()
+        frames = generator.decode(latents, prompt=prompt).numpy()
         result = evaluate_video(frames, prompt, fps, boundaries, adherence_seconds=len(frames) / fps)
         adherence.append(result["adherence"])
         seams.append(result["seam_ratio"])

@@ -351,10 +351,12 @@ def decode_segment(segment: dict, job: dict, *dependencies) -> dict:
     start, stop, context_start = segment["latent_start"], segment["latent_stop"], segment["context_start"]
     values = _to_torch(store.read_video_latents(range(context_start, stop), given=job.get("given", ()),
                                                 refined=job.get("refined", False)))
+    # A decoder that reads the prompt (the demo model's draws the shapes it names) gets the job's.
     if start == 0:
-        frames, first = gen.decode(values), 0
+        frames, first = gen.decode(values, prompt=job["prompt"]), 0
     else:
-        frames, first = gen.decode(values[start - context_start:], context=values[: start - context_start]), 4 * start - 3
+        frames, first = gen.decode(values[start - context_start:], context=values[: start - context_start],
+                                   prompt=job["prompt"]), 4 * start - 3
     frames = frames[segment["frame_start"] - first: segment["frame_stop"] - first]
     frames = frames.numpy() if hasattr(frames, "numpy") else frames
     if len(frames) != expected:

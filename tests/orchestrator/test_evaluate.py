@@ -280,7 +280,7 @@ class _LosslessCodec:
     def encode(self, frames):
         return np.asarray(frames)
 
-    def decode(self, latents):
+    def decode(self, latents, prompt=None):
         if self.flat:
             return np.broadcast_to(latents.mean(axis=(0, 1, 2), keepdims=True).astype(np.uint8), latents.shape)
         return latents
@@ -334,7 +334,7 @@ def test_denoising_adherence_scores_the_decoded_estimates():
         marks[prompt] = torch.full_like(noisy, 7.0)  # stands for "the prompt's world"
         return marks[prompt]
 
-    def decode(latents):
+    def decode(latents, prompt=None):
         for prompt, mark in marks.items():
             if latents is mark:
                 return torch.from_numpy(frames[prompt])
@@ -409,7 +409,7 @@ class _WorldPainter:
                 frames[group] = np.clip(frames[group].astype(np.int16) + (12 if i % 2 else -12), 0, 255)
         return torch.from_numpy(np.ascontiguousarray(frames))
 
-    def decode(self, latents):
+    def decode(self, latents, prompt=None):
         if self.flat:
             return latents.float().mean(dim=(0, 1, 2), keepdim=True).expand(latents.shape).to(latents.dtype)
         return latents

@@ -336,3 +336,37 @@ def test_refinement_pass_one_takes_over_the_ends_of_pass_zero_blocks(render_clus
     again = render(spec, scheduler=render_cluster.scheduler_address, engine="eager")
     assert (again.tasks_run, again.segments_run) == (0, 0)
     assert media.probe(spec.output)["frames"] == spec.num_frames
+
+
+def test_a_decoder_that_reads_the_prompt_gets_the_jobs(render_cluster, tmp_path):
+    """Decode tasks hand the job's prompt to a decoder that reads it (the demo model's draws the shapes the
+    prompt names): the segments are that decode of the stored latents, not the empty prompt's."""
+    import dataclasses
+
+    import torch
+
+    from model.config import get_preset
+    from model.generator import Generator, VideoModel
+
+    tiny = get_preset("tiny")
+    torch.manual_seed(0)
+    gen = Generator(VideoModel(tiny.replace(vae=dataclasses.replace(tiny.vae, caption_width=32, caption_heads=2))),
+                    device="cpu")
+    with torch.no_grad():  # open the caption attention wide, so the prompt changes the pixels a lot
+        for param in gen.model.vae.decoder.caption.parameters():
+            param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(param.numel()))
+    checkpoint = gen.save(tmp_path / "reads-prompt")
+    spec = tiny_spec(tmp_path, model=str(checkpoint))
+    result = render(spec, scheduler=render_cluster.scheduler_address, engine="eager")
+    store = JobStore.open(result.store)
+    loaded = Generator.load(checkpoint)
+    values = torch.from_numpy(np.asarray(store.read_video_latents(range(5), refined=True), dtype=np.float32))
+    with_prompt = loaded.decode(values, prompt=spec.prompt).numpy().astype(np.int16)[:16]
+    without = loaded.decode(values).numpy().astype(np.int16)[:16]
+    segments = np.concatenate([media.read_frames(store.segment_url(s["segment_id"]), spec.width, spec.height)
+                               for s in store.plan["segments"]]).astype(np.int16)
+    assert segments.shape == with_prompt.shape
+    # Random tiny weights draw pixel noise, which the segments' lossless H.264 keeps only up to its 4:2:0
+    # chroma; the segments are still far nearer the decode under the job's prompt than under the empty one.
+    near, far = np.abs(segments - with_prompt).mean(), np.abs(segments - without).mean()
+    assert np.abs(with_prompt - without).mean() > 4.0 and near < far / 2
