@@ -458,8 +458,8 @@ class Generator:
         ``context=None``: the latents start the video, giving 1 + 4(n-1) frames. Otherwise ``context`` is the
         latent frames just before ``latents`` (up to :attr:`decode_context` of them, or all from latent 0) and
         the result is exactly the 4n frames of ``latents``, equal to the same frames of a one-shot decode.
-        ``prompt``: what the video shows, for a decoder that reads it (``reads_prompt``; the demo model's draws
-        the shapes the prompt names); ``None`` decodes as for the empty prompt. Other decoders ignore it.
+        ``prompt``: what the video shows, for a decoder that reads it (``reads_prompt``, from
+        ``vae.caption_width``); ``None`` decodes as for the empty prompt. Other decoders ignore it.
         """
         return self.decode_float(latents, context, prompt).round().to(torch.uint8)
 

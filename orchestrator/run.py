@@ -351,7 +351,7 @@ def decode_segment(segment: dict, job: dict, *dependencies) -> dict:
     start, stop, context_start = segment["latent_start"], segment["latent_stop"], segment["context_start"]
     values = _to_torch(store.read_video_latents(range(context_start, stop), given=job.get("given", ()),
                                                 refined=job.get("refined", False)))
-    # A decoder that reads the prompt (the demo model's draws the shapes it names) gets the job's.
+    # A decoder that reads the prompt (vae.caption_width) gets the job's; others ignore it.
     if start == 0:
         frames, first = gen.decode(values, prompt=job["prompt"]), 0
     else:

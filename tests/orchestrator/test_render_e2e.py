@@ -339,8 +339,8 @@ def test_refinement_pass_one_takes_over_the_ends_of_pass_zero_blocks(render_clus
 
 
 def test_a_decoder_that_reads_the_prompt_gets_the_jobs(render_cluster, tmp_path):
-    """Decode tasks hand the job's prompt to a decoder that reads it (the demo model's draws the shapes the
-    prompt names): the segments are that decode of the stored latents, not the empty prompt's."""
+    """Decode tasks hand the job's prompt to a decoder that reads it (vae.caption_width): the segments are
+    that decode of the stored latents, not the empty prompt's."""
     import dataclasses
 
     import torch
