@@ -90,7 +90,7 @@ def test_a_circled_world_differs_only_in_its_shapes():
 
 
 @pytest.mark.timeout(300)
-def test_the_decoder_learns_shapes_from_circled_worlds(tmp_path):
+def test_decoder_training_on_circled_worlds_changes_the_decoder_alone(tmp_path):
     """`--circled 1`: every batch decodes the latents of its clips drawn with circles, to the clips themselves;
     only the decoder (its caption attention included) changes, and the run records the share."""
     source, run = tmp_path / "source", tmp_path / "reading"
