@@ -51,8 +51,8 @@ class VAEConfig:
     # of the demo model places a blob of the prompted colour where an object goes but draws no corners
     # (MODEL_CARD.md, "Every shape comes out round"); a decoder given the caption could draw the shape it names
     # for that colour (trained with `longshot train vae --decoder-only --circled`; not yet long enough to ship,
-    # MODEL_CARD.md, "A decoder that reads the prompt"). Attention is per latent pixel of each latent frame, so
-    # decoding stays causal and chunked decodes equal one-shot ones.
+    # MODEL_CARD.md, "A decoder that reads the prompt"). Attention is per pixel of each frame at the lowest
+    # resolution, after the layers that mix time, so decoding stays causal and chunked decodes equal one-shot ones.
     caption_width: int = 0
     caption_heads: int = 4
 

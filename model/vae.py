@@ -277,13 +277,15 @@ class Decoder(nn.Module):
         if self.shortcut:  # the latents repeated up to the feature channels
             x = x + z.repeat_interleave(self.features // z.shape[1], dim=1)
         x = self.temporal(x)
+        if self.frame_rate:
+            x = self.frame_temporal(self.unpack(x))
         if self.caption is not None:
+            # After the layers that mix time: from here on all is per frame, so the caption's gradient stops
+            # here and the frozen temporal blocks' features can be computed once and reused.
             if caption is None:
                 raise ValueError("caption: this decoder reads the prompt; pass its tokens (the empty prompt's "
                                  "for none)")
             x = self.caption(x, *caption)
-        if self.frame_rate:
-            x = self.frame_temporal(self.unpack(x))
         out = self.conv_out(F.silu(self.norm_out(self.up(x))))
         if self.frame_rate:
             return out
