@@ -872,8 +872,10 @@ class DiTTrainer(Trainer):
         missing = [p for p in prompts if p not in self.text_cache]
         if missing:
             # Worlds drawn on the fly rarely repeat a caption: a bounded cache keeps a long GPU run's memory flat.
+            # Clearing it drops this batch's cached captions too, so they are encoded again with the rest.
             if len(self.text_cache) + len(missing) > TEXT_CACHE_LIMIT:
                 self.text_cache.clear()
+                missing = list(dict.fromkeys(prompts))
             emb = self.model.text.encode(missing)
             for i, p in enumerate(missing):
                 self.text_cache[p] = (emb.tokens[i], emb.mask[i], emb.pooled[i])

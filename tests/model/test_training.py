@@ -449,3 +449,24 @@ def test_ema_blends_float_tensors_and_copies_the_rest():
     torch.testing.assert_close(trainer.ema["bias"], first["bias"])
     assert trainer.ema["num_batches_tracked"].item() == 5
     assert trainer.ema["weight"].data_ptr() != net.weight.data_ptr()
+
+
+def test_the_caption_cache_encodes_again_what_clearing_it_dropped(monkeypatch):
+    """A step whose new captions overflow the DiT trainer's caption cache clears it; captions of that step that
+    were cached before are encoded again with the new ones, not looked up in the emptied cache."""
+    encoded = []
+
+    def encode(prompts):
+        encoded.append(list(prompts))
+        rows = torch.tensor([[float(ord(p[0]))] for p in prompts])
+        return types.SimpleNamespace(tokens=rows, mask=rows > 0, pooled=rows * 2)
+
+    text = types.SimpleNamespace(encode=encode)
+    trainer = types.SimpleNamespace(text_cache={}, model=types.SimpleNamespace(text=text))
+    monkeypatch.setattr(model.train, "TEXT_CACHE_LIMIT", 3)
+    model.train.DiTTrainer.text(trainer, ["a", "b"])
+    tokens, mask, pooled = model.train.DiTTrainer.text(trainer, ["b", "c", "d"])  # 2 cached + 2 new > 3
+    assert encoded == [["a", "b"], ["b", "c", "d"]]
+    assert tokens[:, 0].tolist() == [ord("b"), ord("c"), ord("d")]
+    assert pooled[:, 0].tolist() == [2 * ord("b"), 2 * ord("c"), 2 * ord("d")]
+    assert set(trainer.text_cache) == {"b", "c", "d"}
