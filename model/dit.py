@@ -122,7 +122,7 @@ def build_layout(shapes: list[tuple[int, int, int]], observed: list[torch.Tensor
 
     Temporal attention runs once per group of windows with the same frame count and visibility; with
     ``pad_windows`` (no cache) windows of the same frame size share one group instead, shorter ones padded with
-    keys nobody sees. A training batch of varied windows then costs one attention call per block rather than
+    keys nobody sees, and single frames another. A training batch of varied windows then costs one attention call per block rather than
     one per window pattern (about 60 calls of a few milliseconds each, at batch 64 on a GPU).
     """
     frame_tokens, window_of_frame = [], []  # tokens of each frame, window of each frame
@@ -153,11 +153,13 @@ def build_layout(shapes: list[tuple[int, int, int]], observed: list[torch.Tensor
         cos, sin = spatial_rope(h, wd, head_dim, cfg.rope_theta_space, device)
         layout.spatial.append(SpatialGroup(index, torch.tensor([fr for fr, _ in items], device=device), cos, sin))
     if pad_windows and cached_times is None:
-        by_positions: dict[int, list] = {}
+        # Single frames (images as one-frame videos) keep a group of their own: padded to a video window's
+        # length, each would cost that window's temporal attention for a query that only sees itself.
+        by_positions: dict[tuple[int, bool], list] = {}
         for (f, n, _), items in temporal.items():
-            by_positions.setdefault(n, []).extend((f, *item) for item in items)
+            by_positions.setdefault((n, f == 1), []).extend((f, *item) for item in items)
         layout.temporal.extend(padded_temporal_group(items, n, head_dim, cfg, device)
-                               for n, items in by_positions.items())
+                               for (n, _), items in by_positions.items())
         return layout
     for (f, n, _), items in temporal.items():
         # Frame k of a window starts at token first + k * n; position p adds p.

@@ -68,6 +68,7 @@ PACKED = [
     dict(times=[0, 40, 20, 60], observed=[True, True, False, False], rows=2, cols=2, seed=5),
     dict(times=[5, 9, 7, 11], observed=[True, True, False, False], rows=2, cols=2, seed=6),
     dict(times=[2, 6], observed=[False, False], rows=8, cols=8, seed=7),
+    dict(times=[12], observed=[False], rows=8, cols=8, seed=8),  # an image beside videos of its frame size
 ]
 
 
@@ -105,6 +106,9 @@ def test_grouped_attention_equals_dense_block_diagonal_attention(dit, kind, pad,
     if pad:
         unpadded = build_layout(shapes, observed, times, causal, dit.head_dim, CFG, "cpu")
         assert len(layout.temporal) < len(unpadded.temporal)
+        # a single frame is never padded to a longer window's length
+        assert all(g.index.shape[1] == 1 or g.valid is None or bool((g.valid.sum(1) > 1).all())
+                   for g in layout.temporal)
     block = dit.blocks[0]
     h = torch.randn(layout.num_tokens, CFG.hidden, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
