@@ -122,8 +122,9 @@ def build_layout(shapes: list[tuple[int, int, int]], observed: list[torch.Tensor
 
     Temporal attention runs once per group of windows with the same frame count and visibility; with
     ``pad_windows`` (no cache) windows of the same frame size share one group instead, shorter ones padded with
-    keys nobody sees, and single frames another. A training batch of varied windows then costs one attention call per block rather than
-    one per window pattern (about 60 calls of a few milliseconds each, at batch 64 on a GPU).
+    keys nobody sees, and single frames another. A training batch of varied windows then costs one or two
+    attention calls per block and frame size rather than one per window pattern (about 60 calls of a few
+    milliseconds each, at batch 64 on a GPU).
     """
     frame_tokens, window_of_frame = [], []  # tokens of each frame, window of each frame
     spatial: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (rows, cols) -> [(frame, first token)]

@@ -869,7 +869,7 @@ class DiTTrainer(Trainer):
 
     @torch.no_grad()
     def text(self, prompts: list[str]):
-        missing = [p for p in prompts if p not in self.text_cache]
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.text_cache]  # each caption once
         if missing:
             # Worlds drawn on the fly rarely repeat a caption: a bounded cache keeps a long GPU run's memory flat.
             # Clearing it drops this batch's cached captions too, so they are encoded again with the rest.
