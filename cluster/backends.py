@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Any, Iterator
 
+import dask
 from distributed import Client, LocalCluster
 
 log = logging.getLogger(__name__)
@@ -132,20 +133,58 @@ def cuda_cluster(workers: int | None = None, **options):
 
 
 def slurm_cluster(workers: int | None = None, *, adapt: tuple[int, int] | None = None, **options):
+    """One SLURM job per model worker: one GPU, one worker process with one thread.
+
+    Site settings (partition, account, walltime, cores, memory, prologue) come from dask-jobqueue's own
+    configuration (``jobqueue.slurm`` in ``~/.config/dask/jobqueue.yaml`` or ``DASK_JOBQUEUE__SLURM__*``) or from
+    ``options``, as for any dask-jobqueue deployment; what a model worker needs is added to them: the GPU
+    resource and a single thread on the worker, and a GPU per job unless the site already asks for one.
+    """
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError as err:
         raise BackendUnavailable("slurm", "dask-jobqueue", err) from None
+    def setting(key: str, default):
+        value = options.pop(key, None)
+        return value if value is not None else dask.config.get(f"jobqueue.slurm.{key.replace('_', '-')}",
+                                                               None) or default
+
+    directives = list(setting("job_extra_directives", []))
+    if not any("--gres" in d or "--gpus" in d for d in directives):
+        directives.append("--gres=gpu:1")
     kwargs = dict(
-        cores=options.pop("cores", 4),
-        memory=options.pop("memory", "32GB"),
+        cores=setting("cores", 4),
+        memory=setting("memory", "32GB"),
         processes=1,
-        worker_extra_args=["--resources", f"{GPU_RESOURCE}=1", "--nthreads", "1"],
-        job_extra_directives=options.pop("job_extra_directives", ["--gres=gpu:1"]),
+        # After the site's own worker arguments, so that these win where both are given.
+        worker_extra_args=[*setting("worker_extra_args", []), "--resources", f"{GPU_RESOURCE}=1",
+                           "--nthreads", "1"],
+        job_extra_directives=directives,
     )
     cluster = SLURMCluster(**kwargs, **options)
     _scale(cluster, workers, adapt)
     return cluster
+
+
+def kubernetes_cluster_spec(*, name: str = "longshot", image: str = "longshot:latest", workers: int | None = None,
+                            resources: dict | None = None, env: dict | None = None) -> dict:
+    """The DaskCluster resource the kubernetes backend creates: model workers that each hold one GPU and run
+    one task at a time, and a scheduler pod without a GPU.
+
+    ``resources`` (default one ``nvidia.com/gpu``) are each worker container's; the dask-kubernetes operator
+    would give them to the scheduler's container too, where a GPU would be held for the whole render and never
+    used, so they are taken off it.
+    """
+    try:
+        from dask_kubernetes.operator import make_cluster_spec
+    except ImportError as err:
+        raise BackendUnavailable("kubernetes", "dask-kubernetes", err) from None
+    spec = make_cluster_spec(name=name, image=image, n_workers=workers or 1, env=env,
+                             resources=resources or {"limits": {"nvidia.com/gpu": "1"}},
+                             worker_command=["dask", "worker", "--resources", f"{GPU_RESOURCE}=1", "--nthreads", "1"])
+    for container in spec["spec"]["scheduler"]["spec"]["containers"]:
+        container.pop("resources", None)
+    return spec
 
 
 def kubernetes_cluster(workers: int | None = None, *, adapt: tuple[int, int] | None = None, **options):
@@ -153,14 +192,9 @@ def kubernetes_cluster(workers: int | None = None, *, adapt: tuple[int, int] | N
         from dask_kubernetes.operator import KubeCluster
     except ImportError as err:
         raise BackendUnavailable("kubernetes", "dask-kubernetes", err) from None
-    kwargs = dict(
-        name=options.pop("name", "longshot"),
-        image=options.pop("image", "longshot:latest"),
-        resources=options.pop("resources", {"limits": {"nvidia.com/gpu": "1"}}),
-        worker_command=["dask", "worker", "--resources", f"{GPU_RESOURCE}=1", "--nthreads", "1"],
-        n_workers=workers or 1,
-    )
-    cluster = KubeCluster(**kwargs, **options)
+    spec = kubernetes_cluster_spec(**{key: options.pop(key) for key in ("name", "image", "resources", "env")
+                                      if key in options}, workers=workers)
+    cluster = KubeCluster(custom_cluster_spec=spec, **options)
     _scale(cluster, workers, adapt)
     return cluster
 
