@@ -392,7 +392,19 @@ class VAETrainer(Trainer):
             raise ValueError(f"--generated: {self.generated!r} must be a share in [0, 1]")
         if self.generated and not self.decoder_only:
             raise ValueError("--generated: needs --decoder-only (the DiT's latent space must stay fixed)")
-        params = model.vae.decoder.parameters() if self.decoder_only else model.vae.parameters()
+        self.frame_stack_only = bool(getattr(args, "frame_stack_only", False))
+        if self.frame_stack_only and not self.decoder_only:
+            raise ValueError("--frame-stack-only: needs --decoder-only (it trains a part of the decoder)")
+        if self.frame_stack_only:
+            # Only the per-frame upsampling stack trains: the layers that mix latent frames and frames keep
+            # their weights, so the decoded video's motion and its seams at latent boundaries stay as they were
+            # while the stack learns to draw each frame's shapes sharper.
+            decoder = model.vae.decoder
+            for frozen in decoder.before_frame_stack():
+                frozen.requires_grad_(False)
+            params = [p for p in decoder.parameters() if p.requires_grad]
+        else:
+            params = model.vae.decoder.parameters() if self.decoder_only else model.vae.parameters()
         super().__init__(args, model, params, rng_seed=args.seed + (7 if self.decoder_only else 0))
         self.latent_stats: dict = {}
         if self.decoder_only:
@@ -560,6 +572,8 @@ class VAETrainer(Trainer):
             extra["circled"] = self.circled
         if self.args.object_weight:
             extra["object_weight"] = self.args.object_weight
+        if self.frame_stack_only:
+            extra["frame_stack_only"] = True
         return {**self.latent_stats, **extra}
 
 
@@ -1101,6 +1115,9 @@ def main(argv: list[str] | None = None) -> int:
                              "themselves (the caption alone then tells the shape)")
     parser.add_argument("--decoder-only", action="store_true",
                         help="vae: train the decoder alone on the frozen encoder (the latent space stays fixed)")
+    parser.add_argument("--frame-stack-only", action="store_true",
+                        help="vae --decoder-only: train only the decoder's per-frame upsampling stack; the "
+                             "layers that mix time keep their weights")
     parser.add_argument("--init-from", default=None, metavar="DIR",
                         help="a fresh run starts from the tensors of the same name and shape in this run or "
                              "checkpoint directory; unpack: the checkpoint to unpack (default: the shipped one)")

@@ -292,6 +292,16 @@ class Decoder(nn.Module):
         b, _, t, h, w = out.shape  # (B, 3*tf, T_lat, H, W): channel group k is each latent's frame k
         return out.reshape(b, self.tf, 3, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, 3, t * self.tf, h, w)
 
+    def before_frame_stack(self) -> list[nn.Module]:
+        """The layers before the per-frame upsampling stack: all that mix latent frames or frames, and the
+        caption block after them."""
+        layers: list[nn.Module] = [self.conv_in, self.temporal]
+        if self.frame_rate:
+            layers += [self.unpack, self.frame_temporal]
+        if self.caption is not None:
+            layers.append(self.caption)
+        return layers
+
     @staticmethod
     def frame_rate_state(state: dict[str, torch.Tensor], temporal_factor: int,
                          prefix: str = "") -> dict[str, torch.Tensor]:

@@ -336,6 +336,28 @@ def test_the_decoder_trains_on_the_runs_dit_estimates(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(300)
+def test_frame_stack_only_trains_the_per_frame_stack_and_keeps_the_layers_that_mix_time(tmp_path):
+    """`--decoder-only --frame-stack-only`: the decoder's upsampling stack and output layer learn; its layers
+    before them (which mix latent frames and frames, and so set motion and seams) keep their weights exactly."""
+    source, run = tmp_path / "source", tmp_path / "stack"
+    common = ["--preset", "tiny", "--batch", "1", "--warmup", "1", "--seed", "0"]
+    assert main(["vae", *common, "--run", str(source), "--steps", "1"]) == 0
+    with pytest.raises(ValueError, match="--frame-stack-only: needs --decoder-only"):
+        main(["vae", *common, "--run", str(source), "--steps", "2", "--frame-stack-only"])
+    shutil.copytree(source, run)
+    assert main(["vae", *common, "--run", str(run), "--steps", "3", "--lr", "1e-2", "--decoder-only",
+                 "--frame-stack-only", "--object-weight", "4"]) == 0
+    before, after = (load_file(str(r / "vae" / "vae.safetensors")) for r in (source, run))
+    stack = ("decoder.up.", "decoder.norm_out.", "decoder.conv_out.")
+    kept = [k for k in before if not k.startswith(stack)]
+    assert any(k.startswith("decoder.temporal.") for k in kept) and any(k.startswith("encoder.") for k in kept)
+    for key in kept:
+        assert torch.equal(after[key], before[key]), key
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith(stack))
+    assert json.loads((run / "vae" / "vae.json").read_text())["frame_stack_only"] is True
+
+
+@pytest.mark.timeout(300)
 def test_a_frame_rate_decoder_trains_on_another_runs_frozen_encoder(tmp_path, capsys):
     """`--decoder-only --init-from` a run with a latent-rate decoder: the encoder and its latent statistics
     are the source's (so its DiT and latent pool stay valid), the decoder starts from the source's decoder."""
