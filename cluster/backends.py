@@ -166,10 +166,17 @@ def slurm_cluster(workers: int | None = None, *, adapt: tuple[int, int] | None =
     return cluster
 
 
-def kubernetes_cluster_spec(*, name: str = "longshot", image: str = "longshot:latest", workers: int | None = None,
+# dask-kubernetes's default image: plain Dask, without Longshot and its model, so it cannot run model tasks.
+DASK_DEFAULT_IMAGE = "ghcr.io/dask/dask:latest"
+
+
+def kubernetes_cluster_spec(*, name: str = "longshot", image: str | None = None, workers: int | None = None,
                             resources: dict | None = None, env: dict | None = None) -> dict:
     """The DaskCluster resource the kubernetes backend creates: model workers that each hold one GPU and run
     one task at a time, and a scheduler pod without a GPU.
+
+    ``image``: an image with Longshot installed; by default the site's ``kubernetes.image`` in the Dask
+    configuration (``DASK_KUBERNETES__IMAGE``) unless that is still plain Dask's, else ``longshot:latest``.
 
     ``resources`` (default one ``nvidia.com/gpu``) are each worker container's; the dask-kubernetes operator
     would give them to the scheduler's container too, where a GPU would be held for the whole render and never
@@ -179,6 +186,9 @@ def kubernetes_cluster_spec(*, name: str = "longshot", image: str = "longshot:la
         from dask_kubernetes.operator import make_cluster_spec
     except ImportError as err:
         raise BackendUnavailable("kubernetes", "dask-kubernetes", err) from None
+    if image is None:
+        configured = dask.config.get("kubernetes.image", None)
+        image = configured if configured and configured != DASK_DEFAULT_IMAGE else "longshot:latest"
     spec = make_cluster_spec(name=name, image=image, n_workers=workers or 1, env=env,
                              resources=resources or {"limits": {"nvidia.com/gpu": "1"}},
                              worker_command=["dask", "worker", "--resources", f"{GPU_RESOURCE}=1", "--nthreads", "1"])

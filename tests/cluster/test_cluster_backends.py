@@ -182,3 +182,11 @@ def test_the_kubernetes_cluster_gives_each_worker_a_gpu_and_the_scheduler_none()
     assert {"name": "LONGSHOT_STORE", "value": "s3://renders"} in container["env"]
     (scheduler,) = spec["spec"]["scheduler"]["spec"]["containers"]
     assert "resources" not in scheduler and scheduler["image"] == "registry.example/longshot:1"
+
+    # The image comes from the site's Dask configuration unless that still names plain Dask's image.
+    import dask
+
+    with dask.config.set({"kubernetes.image": "registry.example/longshot:2"}):
+        assert kubernetes_cluster_spec()["spec"]["worker"]["spec"]["containers"][0]["image"] == \
+            "registry.example/longshot:2"
+    assert kubernetes_cluster_spec()["spec"]["worker"]["spec"]["containers"][0]["image"] == "longshot:latest"
