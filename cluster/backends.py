@@ -144,7 +144,8 @@ def slurm_cluster(workers: int | None = None, *, adapt: tuple[int, int] | None =
         from dask_jobqueue import SLURMCluster
     except ImportError as err:
         raise BackendUnavailable("slurm", "dask-jobqueue", err) from None
-    def setting(key: str, default):
+
+    def setting(key: str, default):  # the caller's option, else the site's dask-jobqueue setting, else ours
         value = options.pop(key, None)
         return value if value is not None else dask.config.get(f"jobqueue.slurm.{key.replace('_', '-')}",
                                                                None) or default
