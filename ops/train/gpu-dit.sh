@@ -4,7 +4,8 @@
 # The shipped DiT trained 16,000 steps on a 2-core CPU and its loss was still falling (MODEL_CARD.md); a GPU
 # does that many steps in minutes. This script needs nothing but the repository and torch: it unpacks the
 # shipped checkpoint into a run, trains the DiT (clips drawn and encoded on the GPU every step), exports, and
-# scores one generated window per held-out prompt for the new and the shipped DiT.
+# scores, for the new and the shipped DiT, one generated window per held-out prompt and one window that continues
+# the prompt's own world from its first latent frame (can the DiT carry on shapes it is shown?).
 #
 #   MINUTES=15 STEPS=30000 BATCH=32 bash ops/train/gpu-dit.sh
 #   TEXT_STEPS=8000 MINUTES=20 bash ops/train/gpu-dit.sh     # first teach the text encoder shapes
@@ -110,14 +111,16 @@ python3 -m model.train export --run "$run" --out "$run/export"
 python3 - "$run/export" "$prompts" "$device" > "$out/window.json" <<'PY'
 import json, sys
 from model.generator import Generator
-from orchestrator.evaluate import eval_prompts, window_adherence
+from orchestrator.evaluate import continuation_adherence, eval_prompts, window_adherence
 
 trained, count, device = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 report = {}
 for name, path in (("shipped", Generator.default_checkpoint()), ("trained", trained)):
     generator = Generator.load(path, device=device)
-    report[name] = window_adherence(generator, eval_prompts(count), width=128, height=80, fps=24, steps=8,
-                                    guidance=4.0)
+    settings = dict(width=128, height=80, fps=24, steps=8, guidance=4.0)
+    report[name] = window_adherence(generator, eval_prompts(count), **settings)
+    # Whether the DiT can carry on the shapes of an observed frame at all (the shipped one cannot).
+    report[name]["continuation"] = continuation_adherence(generator, eval_prompts(count), **settings)
 print(json.dumps(report, indent=2))
 PY
 cat "$out/window.json"

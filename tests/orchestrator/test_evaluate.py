@@ -387,21 +387,33 @@ def test_prompt_sensitivity_tells_a_dit_deaf_to_shape_words_from_one_that_hears_
 
 
 class _WorldPainter:
-    """A generator whose windows are the prompt's own world video (or, with ``flat``, its mean colour)."""
+    """A generator whose windows are the prompt's own world video (or, with ``flat``, its mean colour; with
+    ``circles``, the same world with every object a circle). Its "latents" are the frames themselves."""
 
-    def __init__(self, prompts, flat: bool = False, jumpy: bool = False):
+    def __init__(self, prompts, flat: bool = False, jumpy: bool = False, circles: bool = False):
+        from model.train import all_circles
+
         self.worlds = {prompt: world.sample_world(seed) for seed, prompt in prompts}
+        if circles:
+            self.worlds = {prompt: all_circles(spec) for prompt, spec in self.worlds.items()}
         self.flat, self.jumpy, self.seeds = flat, jumpy, []
 
     def latent_size(self, height, width):
         return height, width
 
+    def encode(self, frames):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(frames))
+
     def sample(self, window, observed, prompt, *, seed, steps, guidance, guidance_rescale):
         import torch
 
         self.seeds.append(seed)
-        num_frames = 1 + 4 * (len(window.latent_times) - 1)
-        frames = world.render_frames(self.worlds[prompt], range(num_frames), fps=8, width=window.width,
+        n = len(window.latent_times)
+        # A window after an observed first frame continues the video: four frames per latent frame.
+        frames_wanted = range(1, 1 + 4 * n) if observed is not None else range(1 + 4 * (n - 1))
+        frames = world.render_frames(self.worlds[prompt], frames_wanted, fps=8, width=window.width,
                                      height=window.height)
         if self.jumpy:  # every latent frame's four video frames a little brighter or darker than the last's
             for i in range(1, len(window.latent_times)):
@@ -436,6 +448,22 @@ def test_window_adherence_finds_the_prompt_in_a_faithful_window_and_nothing_in_a
     assert flat["motion_adherence"] is None, "nothing to follow where no object is drawn"
     jumpy = ev.window_adherence(_WorldPainter(prompts, jumpy=True), prompts, **size)
     assert jumpy["adherence"] == 1.0 and jumpy["seam_ratio"] > 3 * seams
+
+
+def test_continuation_adherence_tells_a_dit_that_cannot_carry_shapes_from_one_that_can():
+    prompts = ev.eval_prompts(3)
+    size = dict(width=64, height=64, fps=8, steps=1, guidance=1.0, latent_frames=4)
+    prompted = {o["shape"] for _, p in prompts for o in world.parse_caption(p)["objects"]}
+    assert prompted - {"circle"}, "the prompts name shapes with corners"
+    faithful = ev.continuation_adherence(_WorldPainter(prompts), prompts, seed=3, **size)
+    assert faithful["adherence"] == 1.0 and set(faithful["by_shape"]) == prompted
+    assert faithful["ceiling"]["adherence"] == 1.0 and faithful["scored_from_frame"] == 5
+    # Given the world's first frame, a DiT that draws every object round keeps the circles alone, while the
+    # ceiling (the same frames' reconstruction) still holds every shape.
+    rounding = ev.continuation_adherence(_WorldPainter(prompts, circles=True), prompts, **size)
+    assert rounding["by_shape"].get("circle", 1.0) == 1.0
+    assert all(rounding["by_shape"][shape] == 0.0 for shape in prompted - {"circle"})
+    assert rounding["ceiling"] == faithful["ceiling"]
 
 
 def test_predict_clean_inverts_the_noising_for_the_true_velocity():
@@ -486,5 +514,8 @@ def test_longshot_eval_end_to_end(tmp_path, capsys):
     assert sensitivity["prompts"] == 2 and all(v >= 0 for v in sensitivity["shape"] + sensitivity["colour"])
     assert report["window"]["prompts"] == 2 and 0.0 <= report["window"]["adherence"] <= 1.0
     assert set(report["window"]["by_shape"]) <= set(world.SHAPES)
+    continuation = report["continuation"]
+    assert continuation["prompts"] == 2 and 0.0 <= continuation["adherence"] <= 1.0
+    assert 0.0 <= continuation["ceiling"]["adherence"] <= 1.0
     targets = {(c["target"], c["schedule"]) for c in report["checks"]}
     assert {("vae_psnr", None), ("adherence", "parallel"), ("seam_ratio", "parallel")} <= targets
