@@ -397,8 +397,9 @@ class VAETrainer(Trainer):
             raise ValueError("--frame-stack-only: needs --decoder-only (it trains a part of the decoder)")
         if self.frame_stack_only:
             # Only the per-frame upsampling stack trains: the layers that mix latent frames and frames keep
-            # their weights, so the decoded video's motion and its seams at latent boundaries stay as they were
-            # while the stack learns to draw each frame's shapes sharper.
+            # their weights, so how the decoder joins one latent frame to the next stays as it was while the
+            # stack learns to draw each frame sharper. (Sharper frames still show the DiT's jumps between latent
+            # frames more plainly: MODEL_CARD.md, "The per-frame stack alone".)
             decoder = model.vae.decoder
             for frozen in decoder.before_frame_stack():
                 frozen.requires_grad_(False)

@@ -1107,6 +1107,7 @@ def _print_table(report: dict) -> None:
 
         def shares(part: dict) -> str:
             return ", ".join(f"{shape} {share}" for shape, share in part["by_shape"].items())
+
         console.print(f"Windows that continue each prompt's world from its first latent frame, {cont['prompts']} "
                       f"prompts, scored from frame {cont['scored_from_frame']}: adherence {cont['adherence']} "
                       f"({shares(cont)}); the VAE's reconstruction of the same frames {cont['ceiling']['adherence']} "
@@ -1177,7 +1178,8 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         continuation = continuation_adherence(generator, eval_prompts(args.window_prompts), width=width,
                                               height=height, fps=fps, steps=first_job.steps,
                                               guidance=first_job.guidance,
-                                              guidance_rescale=first_job.guidance_rescale, seed=args.seed)
+                                              guidance_rescale=first_job.guidance_rescale,
+                                              latent_frames=min(8, generator.max_window), seed=args.seed)
     checks = check_targets({s: v["summary"] for s, v in schedules.items()}, vae)
     return {
         "settings": {"prompts": args.prompts, "seconds": seconds, "schedules": args.schedules,
