@@ -770,6 +770,14 @@ def prompt_sensitivity(generator: Any, prompts: Sequence[tuple[int, str]], *, wi
             "prompts": len(prompts), "latent_frames": latent_frames}
 
 
+def _count_by_shape(result: dict, by_shape: dict[str, list[float]]) -> None:
+    """Add each judged object of an :func:`evaluate_video` result to its prompted shape's list (1.0 found at the
+    start, 0.0 not)."""
+    for obj in result["objects"]:
+        if obj["present_at_start"] is not None:
+            by_shape[obj["shape"]].append(float(obj["present_at_start"]))
+
+
 def window_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, width: int, height: int, fps: float,
                      steps: int, guidance: float, guidance_rescale: float = 0.0, latent_frames: int = 16,
                      seed: int = 0) -> dict:
@@ -799,9 +807,8 @@ def window_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, widt
         if result["background"]["correct"] is not None:
             background.append(float(result["background"]["correct"]))
         motion.append(result["motion_adherence"])
+        _count_by_shape(result, by_shape)
         for obj in result["objects"]:
-            if obj["present_at_start"] is not None:
-                by_shape[obj["shape"]].append(float(obj["present_at_start"]))
             if obj["motion_judged"]["correct"] is not None:
                 by_motion[obj["motion"]].append(float(obj["motion_judged"]["correct"]))
     # By prompted shape: a model that ignores the shape word draws every object as the same blob, which the
@@ -842,15 +849,11 @@ def continuation_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *
             made = generator.sample(window, latents[:1], prompt, seed=seed + k, steps=steps, guidance=guidance,
                                     guidance_rescale=guidance_rescale)
             video = generator.decode(torch.cat([latents[:1], made]), prompt=prompt)
-        videos = {"generated": np.asarray(video.cpu().numpy() if hasattr(video, "cpu") else video),
-                  "ceiling": reconstruct(generator, frames, prompt)}
-        for kind, frames_made in videos.items():
+        for kind, frames_made in (("generated", video), ("ceiling", reconstruct(generator, frames, prompt))):
             part = frames_made[scored_from:num_frames]
             result = evaluate_video(part, prompt, fps, adherence_seconds=len(part) / fps)
             found[kind]["adherence"].append(result["adherence"])
-            for obj in result["objects"]:
-                if obj["present_at_start"] is not None:
-                    found[kind]["by_shape"][obj["shape"]].append(float(obj["present_at_start"]))
+            _count_by_shape(result, found[kind]["by_shape"])
 
     def summary(kind: str) -> dict:
         return {"adherence": _rounded(_mean(found[kind]["adherence"])),
