@@ -778,6 +778,11 @@ def _count_by_shape(result: dict, by_shape: dict[str, list[float]]) -> None:
             by_shape[obj["shape"]].append(float(obj["present_at_start"]))
 
 
+def _shares(found: Mapping[str, list[float]]) -> dict[str, float | None]:
+    """The mean of each non-empty list of 1.0/0.0 judgements: the share found, per prompted shape or motion."""
+    return {key: _rounded(_mean(values)) for key, values in found.items() if values}
+
+
 def window_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, width: int, height: int, fps: float,
                      steps: int, guidance: float, guidance_rescale: float = 0.0, latent_frames: int = 16,
                      seed: int = 0) -> dict:
@@ -815,9 +820,9 @@ def window_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, widt
     # detector reads as a circle, so the mean alone hides whether shapes are drawn at all.
     return {"adherence": _rounded(_mean(adherence)), "background_correct": _rounded(_mean(background)),
             "seam_ratio": _rounded(_mean(seams)), "prompts": len(prompts), "latent_frames": latent_frames,
-            "by_shape": {shape: _rounded(_mean(found)) for shape, found in by_shape.items() if found},
+            "by_shape": _shares(by_shape),
             "motion_adherence": _rounded(_mean(motion)),
-            "by_motion": {m: _rounded(_mean(found)) for m, found in by_motion.items() if found}}
+            "by_motion": _shares(by_motion)}
 
 
 def continuation_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, width: int, height: int,
@@ -857,7 +862,7 @@ def continuation_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *
 
     def summary(kind: str) -> dict:
         return {"adherence": _rounded(_mean(found[kind]["adherence"])),
-                "by_shape": {s: _rounded(_mean(v)) for s, v in found[kind]["by_shape"].items() if v}}
+                "by_shape": _shares(found[kind]["by_shape"])}
 
     return {**summary("generated"), "ceiling": summary("ceiling"), "prompts": len(prompts),
             "latent_frames": latent_frames, "scored_from_frame": scored_from}
