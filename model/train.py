@@ -399,7 +399,7 @@ class VAETrainer(Trainer):
             # Only the per-frame upsampling stack trains: the layers that mix latent frames and frames keep
             # their weights, so how the decoder joins one latent frame to the next stays as it was while the
             # stack learns to draw each frame sharper. (Sharper frames still show the DiT's jumps between latent
-            # frames more plainly: MODEL_CARD.md, "The per-frame stack alone".)
+            # frames more plainly: ops/train/EXPERIMENTS.md, "The per-frame stack alone".)
             decoder = model.vae.decoder
             for frozen in decoder.before_frame_stack():
                 frozen.requires_grad_(False)
@@ -588,7 +588,7 @@ def all_circles(spec):
 # Off by default, as the shipped text encoder was trained. From it, 8,000 steps with groups of 4 taught it shapes
 # (its image tower picks the right shape among four for 97% of frames, against 30%; the first ~2,500 steps stay at
 # chance), and a DiT trained on that encoder hears shape words several times more; it is not shipped yet, and
-# from scratch the recipe is unmeasured (MODEL_CARD.md, "Every shape comes out round").
+# from scratch the recipe is unmeasured (ops/train/EXPERIMENTS.md, "Every shape comes out round").
 SHAPE_VARIANTS = 1
 
 
@@ -739,7 +739,7 @@ def sample_window(rng: random.Random, num_latents: int, max_window: int) -> tupl
 # Off by default: the shipped DiT trained on a plain mean. A weight of 4 gives objects about half of a window's
 # loss instead of a tenth; from the 16,000-step demo DiT, 600 steps with it cut the x0 error on object pixels at
 # noise 0.6 / 0.9 to 0.094 / 0.295 (0.111 / 0.333 without), but at 26,000 steps the backdrop's error at noise 0.9
-# had doubled and 60-s renders had worse seams (MODEL_CARD.md, "Weighing the object pixels").
+# had doubled and 60-s renders had worse seams (ops/train/EXPERIMENTS.md, "Weighing the object pixels").
 OBJECT_WEIGHT = 0.0
 
 
