@@ -47,12 +47,13 @@ class VAEConfig:
     # x4 demo VAE they held training near 12 dB for 400 steps where the plain VAE reached 15 dB.
     shortcuts: bool = False
     # A decoder that reads the prompt: the width of the text encoder's per-token embeddings it attends to, and its
-    # attention heads (0: a decoder of the latents alone, as in every preset and the shipped model). The DiT of the demo
-    # model places a blob of the prompted colour where an object goes but draws no corners (ops/train/EXPERIMENTS.md,
-    # "Every shape comes out round"); a decoder given the caption could draw the shape it names for that colour (trained
-    # with `longshot train vae --decoder-only --circled`; not yet long enough to ship, ops/train/EXPERIMENTS.md, "A
-    # decoder that reads the prompt"). Attention is per pixel of each frame at the lowest resolution, after the layers
-    # that mix time, so decoding stays causal and chunked decodes equal one-shot ones.
+    # attention heads (0: a decoder of the latents alone, as in every preset and the shipped model). The DiT of the
+    # demo model places a blob of the prompted colour where an object goes but draws no corners
+    # (ops/train/EXPERIMENTS.md, "Every shape comes out round"); a decoder given the caption could draw the shape
+    # it names for that colour (trained with `longshot train vae --decoder-only --circled`; not yet long enough to
+    # ship, ops/train/EXPERIMENTS.md, "A decoder that reads the prompt"). Attention is per pixel of each frame at
+    # the lowest resolution, after the layers that mix time, so decoding stays causal and chunked decodes equal
+    # one-shot ones.
     caption_width: int = 0
     caption_heads: int = 4
 

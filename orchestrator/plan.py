@@ -30,8 +30,8 @@ its own. Pass 1 refines the blocks between (``max_window - 4 * context`` frames 
 what pass 0 made of them rather than from their drafts, and observes the ``context`` pass-0 frames beyond them.
 Both sides of a generation task's border then come out of one window, so its seam is denoised away; the borders
 left are where a pass-1 window meets the pass-0 frames it observed, and there its first frame started from the
-pass-0 frame's own neighbour (ops/train/EXPERIMENTS.md, "Refinement"). Refinement tasks write a second array of the
-store, so the drafts stay intact and a killed refinement resumes from the same drafts.
+pass-0 frame's own neighbour (ops/train/EXPERIMENTS.md, "Refinement"). Refinement tasks write a second array of
+the store, so the drafts stay intact and a killed refinement resumes from the same drafts.
 
 Plans stored before pass 1 took frames over (``refine_layout="abutting"``: blocks of ``max_window - 2 *
 context`` frames in both passes, pass 1 observing ``context`` refined frames on either side) resume as made.

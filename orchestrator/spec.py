@@ -28,30 +28,30 @@ MAX_SIDE = 2048
 MAX_STEPS = 200
 MAX_GUIDANCE = 30.0
 MAX_WINDOW = 1024
-# Default guidance of infill tasks: those whose latent frames lie between observed frames (plan.fills_gap).
-# Frames on both sides already carry the prompt's colours and objects, and classifier-free guidance amplifies
-# the difference between the prompted and the unprompted prediction, which for the shipped model differs from
-# one latent frame to the next: measured (ops/train/EXPERIMENTS.md, "Seams come from guidance"), guidance 4 on an infill
-# task makes its latent frames jump 1.7x as far from one to the next as the world's own, guidance 1 as far as
-# the world's. Extension tasks, open on one side, keep the full guidance: at 1 the background of a 60-s
+# Default guidance of infill tasks: those whose latent frames lie between observed frames (plan.fills_gap). Frames
+# on both sides already carry the prompt's colours and objects, and classifier-free guidance amplifies the
+# difference between the prompted and the unprompted prediction, which for the shipped model differs from one
+# latent frame to the next: measured (ops/train/EXPERIMENTS.md, "Seams come from guidance"), guidance 4 on an
+# infill task makes its latent frames jump 1.7x as far from one to the next as the world's own, guidance 1 as far
+# as the world's. Extension tasks, open on one side, keep the full guidance: at 1 the background of a 60-s
 # autoregressive render drifted past the target (ΔE 6.0 against 4.3).
 INFILL_GUIDANCE = 1.0
-# Default guidance floor of extension tasks (observed frames on one side only, the autoregressive schedule's windows
-# after its first): steps starting below this noise level take the conditional prediction alone. Guidance decides the
-# layout at high noise; below it, it only amplifies the prompted-minus-unprompted difference, which changes from one
-# latent frame to the next. Measured (ops/train/EXPERIMENTS.md, "Guidance interval on extension tasks"): on the 60-s
-# eval's autoregressive renders, seams 1.23 against 1.33 and drift 0.48 against 1.27, adherence and persistence
-# unchanged; with 8 steps only the first two are guided. 0 guides every step.
+# Default guidance floor of extension tasks (observed frames on one side only, the autoregressive schedule's
+# windows after its first): steps starting below this noise level take the conditional prediction alone. Guidance
+# decides the layout at high noise; below it, it only amplifies the prompted-minus-unprompted difference, which
+# changes from one latent frame to the next. Measured (ops/train/EXPERIMENTS.md, "Guidance interval on extension
+# tasks"): on the 60-s eval's autoregressive renders, seams 1.23 against 1.33 and drift 0.48 against 1.27,
+# adherence and persistence unchanged; with 8 steps only the first two are guided. 0 guides every step.
 EXTENSION_GUIDANCE_FLOOR = 0.92
-# Default level of the refinement pass (orchestrator.plan, "Refinement"): every drafted latent frame is noised to this
-# level and denoised again in windows that straddle the generation tasks' borders. Measured (ops/train/EXPERIMENTS.md,
-# "Refinement"): on the 16-s check 0.6 took the seams of the shipped model from 1.8 to about 1.2 and kept adherence,
-# lower levels left more of the seams. On the 60-s eval the seams fell as the level rose (parallel / hierarchy-2 /
-# autoregressive: 1.14 / 1.17 / 1.43 at 0.6, 1.11 / 1.11 / 1.33 at 0.75, 1.06 / 1.02 / 1.16 at 0.9) with the same
-# adherence on its two prompts; but at 0.9 the README's prompt lost its object in a fifth of the frames (red found in
-# 0.78 of them against 0.96, parallel; autoregressive 0.71 against 0.99): refinement samples at the infill guidance, and
-# from 0.9 it re-draws nearly everything without the prompt's push. So 0.75; `--refine 0.9` trades some of the objects
-# for the smoothest video.
+# Default level of the refinement pass (orchestrator.plan, "Refinement"): every drafted latent frame is noised to
+# this level and denoised again in windows that straddle the generation tasks' borders. Measured
+# (ops/train/EXPERIMENTS.md, "Refinement"): on the 16-s check 0.6 took the seams of the shipped model from 1.8 to
+# about 1.2 and kept adherence, lower levels left more of the seams. On the 60-s eval the seams fell as the level
+# rose (parallel / hierarchy-2 / autoregressive: 1.14 / 1.17 / 1.43 at 0.6, 1.11 / 1.11 / 1.33 at 0.75, 1.06 / 1.02
+# / 1.16 at 0.9) with the same adherence on its two prompts; but at 0.9 the README's prompt lost its object in a
+# fifth of the frames (red found in 0.78 of them against 0.96, parallel; autoregressive 0.71 against 0.99):
+# refinement samples at the infill guidance, and from 0.9 it re-draws nearly everything without the prompt's push.
+# So 0.75; `--refine 0.9` trades some of the objects for the smoothest video.
 REFINE_LEVEL = 0.75
 # Default cap on a refinement task's steps: starting from a draft at a moderate level needs few. On the 16-s check
 # at 20 steps, refining with 5 steps instead of 12 gave the same seams (0.99 both) and renders 8% faster.

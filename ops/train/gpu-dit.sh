@@ -47,8 +47,8 @@ save_every=${SAVE_EVERY:-500}
 loader_workers=${LOADER_WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
 images=${IMAGES:-0}  # single images of fresh worlds per batch besides the windows (--images)
 # Text encoder steps with shape variants before the DiT (0: keep the shipped text encoder). The shipped one is
-# nearly blind to shape words; 8,000 steps with --shape-variants 4 taught it shapes (ops/train/EXPERIMENTS.md, "Every
-# shape comes out round"). Its weights then come back too (text.safetensors, text.json).
+# nearly blind to shape words; 8,000 steps with --shape-variants 4 taught it shapes (ops/train/EXPERIMENTS.md,
+# "Every shape comes out round"). Its weights then come back too (text.safetensors, text.json).
 text_steps=${TEXT_STEPS:-0}
 # Clips of a latent pool to build first (0: draw every step's worlds afresh). The loader workers draw the pool's
 # worlds once, the GPU encodes them, and the DiT then trains on windows cut from the pool in GPU memory, with no
