@@ -133,8 +133,8 @@ class Generator:
         self.dtype = (torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
                       else torch.float32)
         self.checkpoint_hash = checkpoint_hash or _state_hash(self.model)
-        self._dit_call: Callable = self.model.dit
-        self.engine = "eager"
+        self._deepspeed_engine: Any = None  # set by enable_deepspeed; it wraps the model.dit of that moment
+        self._dit_override: Callable | None = None
         self._text_cache: dict[str, TextEmbedding] = {}
 
     # -- construction -------------------------------------------------------------------------------------
@@ -242,9 +242,28 @@ class Generator:
         """Run the DiT through ``deepspeed.init_inference`` (tensor parallel over ``tp_size`` ranks)."""
         from model.deepspeed_compat import init_inference
 
-        engine = init_inference(self.model.dit, dtype=self.dtype, tp_size=tp_size)
-        self._dit_call = engine
-        self.engine = "deepspeed"
+        self._deepspeed_engine = init_inference(self.model.dit, dtype=self.dtype, tp_size=tp_size)
+
+    @property
+    def engine(self) -> str:
+        """What runs the DiT: "deepspeed" while the engine still wraps ``model.dit``, else "eager"."""
+        return "deepspeed" if self._engine_wraps_dit() else "eager"
+
+    def _engine_wraps_dit(self) -> bool:
+        return self._deepspeed_engine is not None and self._deepspeed_engine.module is self.model.dit
+
+    @property
+    def _dit_call(self) -> Callable:
+        """The DiT as sampling calls it, looked up at every call: a DiT swapped into ``model.dit`` after load (a
+        training script scoring its weights, say) is the one sampled, never the one an engine wrapped before."""
+        if self._dit_override is not None:
+            return self._dit_override
+        return self._deepspeed_engine if self._engine_wraps_dit() else self.model.dit
+
+    @_dit_call.setter
+    def _dit_call(self, call: Callable | None) -> None:
+        # Tests put an instrumented or exact-velocity call in the DiT's place; None restores the lookup.
+        self._dit_override = call
 
     # -- text ---------------------------------------------------------------------------------------------
     @torch.no_grad()

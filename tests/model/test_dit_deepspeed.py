@@ -1,6 +1,8 @@
 """DeepSpeed-inference wrapping of the DiT on the CPU gives the eager output."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -50,3 +52,21 @@ def test_row_parallel_linears_become_allreduce_layers(wrapped):
         # Column-parallel layers (split by output features) must not sum across ranks.
         for name in ("spatial_attn.q", "temporal_attn.k", "cross_attn.v", "mlp.fc1"):
             assert not isinstance(modules[name], LinearAllreduce), name
+
+
+def test_a_dit_swapped_in_after_wrapping_is_the_one_sampled():
+    # Scripts that train a DiT score it by putting it in model.dit; the engine wraps the one loaded before.
+    gen = tiny_generator(seed=7)
+    observed = latents(2, gen.latent_channels, 8, 8, seed=8)
+    other = copy.deepcopy(gen)  # the same text encoder and VAE; another DiT
+    with torch.no_grad():
+        for weight in other.model.dit.parameters():
+            weight.add_(0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(weight.numel())))
+    expected = other.sample(WINDOW, observed, "a glacier", seed=2, steps=2, guidance=4.0)
+    gen.enable_deepspeed()
+    before = gen.sample(WINDOW, observed, "a glacier", seed=2, steps=2, guidance=4.0)
+    gen.model.dit = other.model.dit
+    assert gen.engine == "eager"
+    out = gen.sample(WINDOW, observed, "a glacier", seed=2, steps=2, guidance=4.0)
+    assert not torch.allclose(before, expected, atol=1e-3)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
