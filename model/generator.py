@@ -133,7 +133,8 @@ class Generator:
         self.dtype = (torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
                       else torch.float32)
         self.checkpoint_hash = checkpoint_hash or _state_hash(self.model)
-        self._deepspeed_engine: Any = None  # set by enable_deepspeed; it wraps the model.dit of that moment
+        self._deepspeed_engine: Any = None  # set by enable_deepspeed, with the model.dit it wraps
+        self._deepspeed_wraps: nn.Module | None = None
         self._dit_override: Callable | None = None
         self._text_cache: dict[str, TextEmbedding] = {}
 
@@ -243,6 +244,7 @@ class Generator:
         from model.deepspeed_compat import init_inference
 
         self._deepspeed_engine = init_inference(self.model.dit, dtype=self.dtype, tp_size=tp_size)
+        self._deepspeed_wraps = self.model.dit
 
     @property
     def engine(self) -> str:
@@ -250,7 +252,7 @@ class Generator:
         return "deepspeed" if self._engine_wraps_dit() else "eager"
 
     def _engine_wraps_dit(self) -> bool:
-        return self._deepspeed_engine is not None and self._deepspeed_engine.module is self.model.dit
+        return self._deepspeed_engine is not None and self._deepspeed_wraps is self.model.dit
 
     @property
     def _dit_call(self) -> Callable:
