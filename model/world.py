@@ -504,6 +504,33 @@ def object_mask(spec: WorldSpec, frame_indices: Iterable[int], *, fps: float, wi
     return mask
 
 
+def shape_coverage(spec: WorldSpec, frame_indices: Iterable[int], *, fps: float, width: int,
+                   height: int) -> np.ndarray:
+    """How much of each pixel each shape covers, float32 (T, len(SHAPES), height, width), channels in ``SHAPES``
+    order.
+
+    The renderer's own coverage and compositing: each object's anti-aliased coverage is laid over the ones drawn
+    before it, so a frame is exactly its background blended with each shape channel times its object's colour,
+    and the channels of a pixel sum to at most 1. A map of what shape is where, for models that should be told
+    the shape outright rather than find it in a few edge pixels.
+    """
+    _frame_geometry(width, height, fps)
+    times = _frame_times(frame_indices, fps)
+    cover = np.zeros((len(times), len(SHAPES), height, width), dtype=np.float32)
+    if not len(times):
+        return cover
+    xs = (np.arange(width, dtype=np.float32) + 0.5)[None, None, :]
+    ys = (np.arange(height, dtype=np.float32) + 0.5)[None, :, None]
+    for obj in spec.objects:  # in drawing order: a later object covers the earlier ones
+        cx, cy = object_centres(obj, times, width, height)
+        sdf = _signed_distance(obj.shape, xs - cx.astype(np.float32)[:, None, None],
+                               ys - cy.astype(np.float32)[:, None, None], np.float32(obj.size * min(width, height)))
+        alpha = np.clip(np.float32(0.5) - sdf, 0.0, 1.0)[:, None]  # (T, 1, H, W), as _draw_object blends
+        cover *= 1.0 - alpha
+        cover[:, SHAPES.index(obj.shape)] += alpha[:, 0]
+    return cover
+
+
 def _background(spec: WorldSpec, times: np.ndarray, width: int, height: int, pad: int) -> np.ndarray:
     """Float32 canvas (T, H + 2 pad, W + 2 pad, 3) holding the backdrop in its central H x W region."""
     t_count = len(times)

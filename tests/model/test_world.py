@@ -181,6 +181,54 @@ def test_object_mask_covers_exactly_the_object_pixels():
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (32, 47, 56, 71)
 
 
+def test_shape_coverage_is_the_renderers_compositing():
+    for seed in range(6):
+        spec = world.sample_world(seed, pattern="none", num_objects=3)
+        indices = [0, 37, 90]
+        frames = world.render_frames(spec, indices, fps=24, width=128, height=80).astype(np.float32)
+        cover = world.shape_coverage(spec, indices, fps=24, width=128, height=80)
+        assert cover.shape == (3, len(world.SHAPES), 80, 128) and cover.dtype == np.float32
+        assert cover.min() >= 0.0 and cover.sum(1).max() <= 1.0 + 1e-5 and cover.max() == 1.0
+        # Composite the objects one at a time from their own coverage, as the renderer draws them: the frame
+        # comes out (so the coverage is the renderer's), and so does every shape channel of the whole world.
+        expected = np.broadcast_to(np.asarray(world.PALETTE[spec.background], np.float32), frames.shape).copy()
+        channels = np.zeros_like(cover)
+        for obj in spec.objects:
+            k = world.SHAPES.index(obj.shape)
+            alone = world.shape_coverage(dataclasses.replace(spec, objects=(obj,)), indices, fps=24, width=128,
+                                         height=80)
+            assert np.delete(alone, k, axis=1).max() == 0.0
+            a = alone[:, k]
+            colour = np.asarray(world.PALETTE[obj.colour], np.float32)
+            expected = expected * (1.0 - a[..., None]) + colour * a[..., None]
+            channels *= 1.0 - a[:, None]
+            channels[:, k] += a
+        assert np.abs(frames - expected).max() <= 0.51  # the renderer rounds to the nearest level
+        assert np.allclose(channels, cover, atol=1e-6)
+    square = _single("rest", x=0.5, y=0.5, size=0.1)  # a 16-pixel red square around (64, 40)
+    cover = world.shape_coverage(square, [0], fps=24, width=128, height=80)[0]
+    assert cover[world.SHAPES.index("square"), 32:48, 56:72].min() == 1.0
+    assert cover[world.SHAPES.index("square")].sum() == pytest.approx(256.0, abs=1.0)
+    others = [i for i, s in enumerate(world.SHAPES) if s != "square"]
+    assert cover[others].max() == 0.0
+    # the rendered pixels agree with the coverage: full red inside, backdrop outside
+    frame = world.render_frames(square, [0], fps=24, width=128, height=80)[0].astype(np.float32)
+    red, grey = np.asarray(world.PALETTE["red"], np.float32), np.asarray(world.PALETTE["grey"], np.float32)
+    c = cover[world.SHAPES.index("square")][..., None]
+    assert np.abs(frame - (grey * (1 - c) + red * c)).max() <= 0.51
+
+
+def test_a_later_object_covers_an_earlier_one_in_shape_coverage():
+    below = ObjectSpec(shape="circle", colour="red", size=0.15, motion="rest", x=0.5, y=0.5)
+    above = ObjectSpec(shape="triangle", colour="blue", size=0.1, motion="rest", x=0.5, y=0.5)
+    spec = WorldSpec(background="grey", objects=(below, above), seed=1)
+    cover = world.shape_coverage(spec, [0], fps=24, width=128, height=80)[0]
+    circle, triangle = world.SHAPES.index("circle"), world.SHAPES.index("triangle")
+    assert cover[triangle, 40, 64] == 1.0 and cover[circle, 40, 64] == 0.0  # the centre shows the triangle
+    assert cover[circle, 40, 64 - 11] == 1.0  # outside the triangle, inside the circle: the circle shows
+    assert cover.sum(0).max() <= 1.0 + 1e-6
+
+
 def test_edges_are_anti_aliased():
     spec = _single("rest", shape="circle", colour="white", x=0.5, y=0.5, size=0.2)
     spec = dataclasses.replace(spec, background="black")
