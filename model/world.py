@@ -491,17 +491,22 @@ def object_mask(spec: WorldSpec, frame_indices: Iterable[int], *, fps: float, wi
     _frame_geometry(width, height, fps)
     times = _frame_times(frame_indices, fps)
     mask = np.zeros((len(times), height, width), dtype=bool)
+    for _, sdf in _object_distances(spec, times, width, height):
+        mask |= sdf <= 0.0
+    return mask
+
+
+def _object_distances(spec: WorldSpec, times: np.ndarray, width: int, height: int):
+    """Each object, in drawing order, with its signed distance (T, height, width) at every pixel centre."""
     if not len(times):
-        return mask
+        return
     xs = (np.arange(width, dtype=np.float32) + 0.5)[None, None, :]
     ys = (np.arange(height, dtype=np.float32) + 0.5)[None, :, None]
     for obj in spec.objects:
         cx, cy = object_centres(obj, times, width, height)
         half = np.float32(obj.size * min(width, height))
-        sdf = _signed_distance(obj.shape, xs - cx.astype(np.float32)[:, None, None],
-                               ys - cy.astype(np.float32)[:, None, None], half)
-        mask |= sdf <= 0.0
-    return mask
+        yield obj, _signed_distance(obj.shape, xs - cx.astype(np.float32)[:, None, None],
+                                    ys - cy.astype(np.float32)[:, None, None], half)
 
 
 def shape_coverage(spec: WorldSpec, frame_indices: Iterable[int], *, fps: float, width: int,
@@ -517,14 +522,7 @@ def shape_coverage(spec: WorldSpec, frame_indices: Iterable[int], *, fps: float,
     _frame_geometry(width, height, fps)
     times = _frame_times(frame_indices, fps)
     cover = np.zeros((len(times), len(SHAPES), height, width), dtype=np.float32)
-    if not len(times):
-        return cover
-    xs = (np.arange(width, dtype=np.float32) + 0.5)[None, None, :]
-    ys = (np.arange(height, dtype=np.float32) + 0.5)[None, :, None]
-    for obj in spec.objects:  # in drawing order: a later object covers the earlier ones
-        cx, cy = object_centres(obj, times, width, height)
-        sdf = _signed_distance(obj.shape, xs - cx.astype(np.float32)[:, None, None],
-                               ys - cy.astype(np.float32)[:, None, None], np.float32(obj.size * min(width, height)))
+    for obj, sdf in _object_distances(spec, times, width, height):  # a later object covers the earlier ones
         alpha = np.clip(np.float32(0.5) - sdf, 0.0, 1.0)[:, None]  # (T, 1, H, W), as _draw_object blends
         cover *= 1.0 - alpha
         cover[:, SHAPES.index(obj.shape)] += alpha[:, 0]
