@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the configs load without torch (the orchestrator reads them)
+    import torch
 
 
 # Frame width and height are multiples of this (see ModelConfig's check).
@@ -56,8 +59,23 @@ class VAEConfig:
     # one-shot ones.
     caption_width: int = 0
     caption_heads: int = 4
+    # Shape channels: the last ``shape_channels`` of the ``latent_channels`` hold, for each of the world's shapes
+    # (``world.SHAPES`` order), SHAPE_SCALE times the share of each latent pixel an object of that shape covers;
+    # the others are the usual appearance latents (0: none, as in the shipped model). The encoder predicts them
+    # with a head of their own (supervised by ``world.shape_coverage``, no posterior noise, no KL); the decoder
+    # reads them beside the appearance latents. Why: a DiT of the demo's size places a blob of the prompted colour
+    # but draws no corners from the appearance latents (ops/train/EXPERIMENTS.md, "Every shape comes out round");
+    # naming the shape in channels of its own per latent pixel is a choice it can make, and a decoder trained on
+    # circles' latents beside the true shape channels draws the shape the channels name ("Shape channels beside
+    # the latents").
+    shape_channels: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.shape_channels < self.latent_channels:
+            raise ValueError(f"vae.shape_channels: {self.shape_channels} must be at least 0 and below "
+                             f"vae.latent_channels ({self.latent_channels})")
+        if self.shape_channels and self.shortcuts:
+            raise ValueError("vae.shape_channels: shape channels do not combine with vae.shortcuts")
         if self.caption_width and (self.caption_heads <= 0 or self.channels[-1] % self.caption_heads):
             raise ValueError(f"vae.caption_heads: {self.caption_heads} must be positive and divide the decoder's "
                              f"last channels ({self.channels[-1]})")
@@ -71,6 +89,11 @@ class VAEConfig:
                 raise ValueError(f"vae.channels: {tuple(self.channels)} with shortcuts needs each level's channels "
                                  f"to divide four times its neighbour's and the last to be a multiple of "
                                  f"vae.latent_channels ({self.latent_channels})")
+
+    @property
+    def appearance_channels(self) -> int:
+        """The latent channels the encoder's posterior makes (all but the shape channels)."""
+        return self.latent_channels - self.shape_channels
 
     @property
     def decode_context(self) -> int:
@@ -122,6 +145,11 @@ class FlowConfig:
             raise ValueError(f"flow.noise_correlation: must be in [0, 1), got {self.noise_correlation}")
 
 
+def _join_channels(appearance: "torch.Tensor", shapes: "torch.Tensor") -> "torch.Tensor":
+    import torch
+    return torch.cat([appearance, shapes.to(appearance.dtype)], dim=1)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str
@@ -140,6 +168,19 @@ class ModelConfig:
         if FRAME_MULTIPLE % multiple:
             raise ValueError(f"dit.patch: {self.dit.patch} x vae.spatial_factor {self.vae.spatial_factor} = "
                              f"{multiple} must divide the frame-size multiple {FRAME_MULTIPLE}")
+
+    def normalise_latents(self, raw: torch.Tensor) -> torch.Tensor:
+        """The encoder's raw latents, channels on dim 1, to the normalised ones the DiT and the store hold: the
+        appearance channels shifted and scaled; the shape channels are unit-sized by construction and kept."""
+        a = self.vae.appearance_channels
+        z = (raw[:, :a] - self.latent_shift) * self.latent_scale
+        return z if not self.vae.shape_channels else _join_channels(z, raw[:, a:])
+
+    def raw_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalise_latents`: what the decoder reads."""
+        a = self.vae.appearance_channels
+        raw = z[:, :a] / self.latent_scale + self.latent_shift
+        return raw if not self.vae.shape_channels else _join_channels(raw, z[:, a:])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

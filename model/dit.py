@@ -527,6 +527,27 @@ class VideoDiT(nn.Module):
         x = x.reshape(f, c + 1, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
         return x.reshape(f * (h // p) * (w // p), (c + 1) * p * p)
 
+    @staticmethod
+    def widened_state(state: dict[str, torch.Tensor], latent_channels: int, patch: int) -> dict[str, torch.Tensor]:
+        """A DiT's weights for fewer latent channels widened to ``latent_channels`` (a VAE given shape channels
+        beside the same appearance latents): the patch embedding and the output layer get the added channels'
+        weights at zero, so the widened DiT starts by predicting exactly what the source did and reading the
+        added channels not at all. Inputs and outputs are channel-major per patch (see :meth:`patchify`)."""
+        state = dict(state)
+        pp = patch * patch
+        if "final.linear.bias" not in state or state["final.linear.bias"].shape[0] >= latent_channels * pp:
+            return state
+        old = state["final.linear.bias"].shape[0] // pp
+        embed = state["patch_embed.weight"]  # (D, (old + 1) * pp): latent channels, then the observed mask
+        wide = embed.new_zeros(embed.shape[0], (latent_channels + 1) * pp)
+        wide[:, :old * pp] = embed[:, :old * pp]
+        wide[:, latent_channels * pp:] = embed[:, old * pp:]
+        state["patch_embed.weight"] = wide
+        for key in ("final.linear.weight", "final.linear.bias"):
+            value = state[key]
+            state[key] = torch.cat([value, value.new_zeros(latent_channels * pp - value.shape[0], *value.shape[1:])])
+        return state
+
     def unpatchify(self, x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
         p, c = self.cfg.patch, self.latent_channels
         x = x.reshape(f, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)

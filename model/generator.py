@@ -441,8 +441,7 @@ class Generator:
             video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
         x = video.to(self.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, T, H, W)
         mean, _ = self.model.vae.encode_dist(x)
-        z = (mean - self.config.latent_shift) * self.config.latent_scale
-        return z[0].transpose(0, 1).float().cpu()
+        return self.config.normalise_latents(mean)[0].transpose(0, 1).float().cpu()
 
     @torch.no_grad()
     def decode_float(self, latents: torch.Tensor, context: torch.Tensor | None = None,
@@ -458,7 +457,7 @@ class Generator:
             raise ValueError(f"context: latent size {tuple(context.shape[2:])} differs from latents "
                              f"{tuple(latents.shape[2:])}")
         z = latents if context is None or not len(context) else torch.cat([context, latents])
-        z = z.to(self.device, torch.float32) / self.config.latent_scale + self.config.latent_shift
+        z = self.config.raw_latents(z.to(self.device, torch.float32))
         caption = None
         if self.model.vae.reads_caption:
             text = self.encode_text([prompt or ""])

@@ -14,6 +14,11 @@ config.json) that :meth:`model.Generator.load` reads.
     longshot train unpack --run runs/more --init-from model/checkpoints/demo   # a run from a checkpoint, then
     longshot train dit --run runs/more --init-from model/checkpoints/demo --steps 20000 --latents   # train on
 
+A run whose ``model.json`` gives the VAE shape channels (``vae.shape_channels``, ``vae.latent_channels`` grown by as
+many) goes on from a model without them: ``vae --decoder-only --init-from CHECKPOINT --circled P --degrade P``
+keeps the encoder's latents, trains its shape head and widens the decoder; ``dit --init-from CHECKPOINT`` then
+widens the DiT (the new channels' weights at zero) and trains it in the wider latent space.
+
 Training runs on a CUDA device when there is one (``--device``, default ``auto``; the forward passes in bf16
 autocast there, the weights, optimiser and EMA stay fp32) and on the CPU otherwise. Every part records where
 its steps ran (``compute`` in ``<run>/<part>/<part>.json`` and in an exported checkpoint's config), so a model
@@ -46,13 +51,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig, get_preset, preset_names
-from model.dit import FrameInputs
+from model.dit import FrameInputs, VideoDiT
 from model.flow import noisy, sample_training_times, video_noise, window_flow_losses, windows_noise
 from model.generator import CONFIG_FILE, WEIGHTS_FILE, Generator, VideoModel, _quiet_open_clip
 from model.latent_pool import (CLIP_FPS, CLIP_SECONDS, LatentPool, build_pool, encode_pixel_groups, latent_object_mask,
                                num_latents, pixel_groups, to_pixels)
-from model.vae import Decoder
-from model.world import EVAL_SEED_BASE, SHAPES, caption, object_mask, render_frames, sample_world
+from model.vae import SHAPE_SCALE, Decoder
+from model.world import (EVAL_SEED_BASE, SHAPES, caption, object_mask, render_frames, sample_world,
+                         shape_coverage)
 
 PARTS = ("vae", "text", "dit")
 POOL_NAME = "latents.zarr"  # a run's latent pool for DiT training (``longshot train latents``)
@@ -61,6 +67,11 @@ VIDEO_SIZES = ((128, 80), (80, 128), (96, 96), (128, 64))
 # Noise levels the DiT's estimates are made from when the decoder trains on them (`--generated`): a render's
 # last sampling step starts at ~0.3 (8 Euler steps at shift 3).
 GENERATED_NOISE = (0.05, 0.5)
+# The layers that read and make the shape channels (vae.shape_channels) train at this multiple of the learning
+# rate. At 1, 600 steps left the decoder drawing circles from circles' latents whatever the channels said (0.20,
+# ops/train/EXPERIMENTS.md, "The shape head reads the pixels"); the scratch decoder that learnt to follow them
+# gave its input layer for the channels 10 times its 2e-4.
+SHAPE_LR_SCALE = 4.0
 # Share of the batches in which a decoder that reads the prompt is given the empty prompt instead.
 CAPTION_DROP = 0.1
 IMAGE_SIZES = ((128, 80), (96, 96), (64, 112))
@@ -169,8 +180,11 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.paths = RunPaths(Path(args.run), self.part)
         self.paths.dir.mkdir(parents=True, exist_ok=True)
-        self.params = list(params)
-        self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+        # ``params``: parameters, or parameter groups (dicts) whose "lr_scale" multiplies the learning rate.
+        params = list(params)
+        plain = [p for p in params if not isinstance(p, dict)]
+        groups = ([{"params": plain}] if plain else []) + [g for g in params if isinstance(g, dict)]
+        self.opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
         self.step = 0
         self.rng = random.Random(rng_seed)
         self.ema: dict[str, torch.Tensor] | None = None
@@ -301,12 +315,15 @@ class Trainer:
                 break
             spent = (now - started) / (60 * minutes) if by_time else None
             for group in self.opt.param_groups:
-                group["lr"] = lr_at(self.step, self.args.lr, self.args.warmup, total, spent)
+                group["lr"] = lr_at(self.step, self.args.lr, self.args.warmup, total, spent) * group.get("lr_scale", 1)
             with self.autocast():
                 loss, values = self.loss()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            # Each parameter group is clipped on its own: a head's gradients (the VAE's shape head) neither shrink
+            # the rest's steps nor are shrunk by them. The logged norm is the whole gradient's, before clipping.
+            grad = torch.stack([torch.nn.utils.clip_grad_norm_(group["params"], 1.0)
+                                for group in self.opt.param_groups]).pow(2).sum().sqrt()
             self.opt.step()
             self.step += 1
             if self.args.ema:
@@ -406,17 +423,32 @@ class VAETrainer(Trainer):
             params = [p for p in decoder.parameters() if p.requires_grad]
         else:
             params = model.vae.decoder.parameters() if self.decoder_only else model.vae.parameters()
+        self.shape_channels = model.cfg.vae.shape_channels
+        if self.shape_channels and self.shape_channels != len(SHAPES):
+            raise ValueError(f"vae.shape_channels: {self.shape_channels} must be 0 or one per shape of the world "
+                             f"({len(SHAPES)}: {', '.join(SHAPES)})")
+        if self.shape_channels:
+            # The layers new with the shape channels (the encoder's head, the decoder's input for them) learn at
+            # SHAPE_LR_SCALE times the rest's rate; the head trains beside a frozen encoder too, whose appearance
+            # latents (and a DiT's training on them) stay as they were.
+            new = [*model.vae.encoder.shape_head.parameters(), *model.vae.decoder.shape_in.parameters()]
+            params = [*(p for p in params if all(p is not q for q in new)), {"params": new, "lr_scale": SHAPE_LR_SCALE}]
+        self.degrade = float(getattr(args, "degrade", 0.0) or 0.0)
+        if not 0.0 <= self.degrade <= 1.0:
+            raise ValueError(f"--degrade: {self.degrade!r} must be a share in [0, 1]")
         super().__init__(args, model, params, rng_seed=args.seed + (7 if self.decoder_only else 0))
         self.latent_stats: dict = {}
         if self.decoder_only:
             self.load_frozen_encoder(model)
+            if self.shape_channels:
+                model.vae.encoder.shape_head.requires_grad_(True)
         self.object_error: dict[str, float] = {}
         self.circled = float(getattr(args, "circled", 0.0) or 0.0)
         if not 0.0 <= self.circled <= 1.0 - self.generated:
             raise ValueError(f"--circled: {self.circled!r} must be a share in [0, 1 - --generated]")
-        if self.circled and not (self.decoder_only and model.vae.reads_caption):
-            raise ValueError("--circled: needs --decoder-only and a decoder that reads the prompt "
-                             "(vae.caption_width in the run's model.json)")
+        if self.circled and not (self.decoder_only and (model.vae.reads_caption or self.shape_channels)):
+            raise ValueError("--circled: needs --decoder-only and a decoder that reads the prompt or shape "
+                             "channels (vae.caption_width or vae.shape_channels in the run's model.json)")
         if self.generated:
             model.dit.eval().requires_grad_(False)
         if self.generated or model.vae.reads_caption:
@@ -456,10 +488,11 @@ class VAETrainer(Trainer):
     def batch(self, objects: bool = False, circled: bool = False):
         """A batch of same-sized clips, mostly 9-frame videos (3 latents), some single images; their captions;
         with ``objects``, the pixels objects cover in them, bool (B, 1, T, H, W) (else None); with ``circled``,
-        the same clips with every object drawn as a circle (else None)."""
+        the same clips with every object drawn as a circle (else None); for a VAE with shape channels, their
+        targets (B, S, T_lat, h, w) (else None)."""
         w, h = self.rng.choice(VIDEO_SIZES)
         num_frames = 1 if self.rng.random() < 0.2 else 9
-        clips, captions, masks, circles = [], [], [], []
+        clips, captions, masks, circles, shapes = [], [], [], [], []
         for _ in range(self.args.batch):
             spec = sample_world(self.rng.randrange(EVAL_SEED_BASE))
             fps = self.rng.choice((8, 12, 24, 30))
@@ -471,9 +504,12 @@ class VAETrainer(Trainer):
                 masks.append(torch.from_numpy(object_mask(spec, frames, fps=fps, width=w, height=h)))
             if circled:
                 circles.append(to_pixels(render_frames(all_circles(spec), frames, fps=fps, width=w, height=h)))
+            if self.shape_channels:
+                shapes.append(latent_shape_targets(spec, frames, fps=fps, width=w, height=h, cfg=self.model.cfg.vae))
         return (self.to_device(torch.stack(clips)), captions,
                 self.to_device(torch.stack(masks)[:, None]) if objects else None,
-                self.to_device(torch.stack(circles)) if circled else None)
+                self.to_device(torch.stack(circles)) if circled else None,
+                self.to_device(torch.stack(shapes)) if self.shape_channels else None)
 
     def caption_tokens(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(tokens, mask) of the captions for a decoder that reads them, each dropped to the empty prompt
@@ -494,9 +530,8 @@ class VAETrainer(Trainer):
         differ from the encoder's: shapes rounded off, colours spread, each latent frame a little off its
         neighbours. A decoder that has only seen the encoder's latents draws those errors as blobs and flicker.
         """
-        cfg = self.model.cfg
-        shift, scale = self.latent_stats["latent_shift"], self.latent_stats["latent_scale"]
-        z = (mean - shift) * scale
+        cfg = self.latent_config()
+        z = cfg.normalise_latents(mean)
         windows = []
         for clip in z.transpose(1, 2):  # (T_lat, C, h, w)
             n = len(clip)
@@ -507,30 +542,61 @@ class VAETrainer(Trainer):
         text = self.model.text.encode(captions)
         velocity = self.model.dit(windows, text.tokens, text.mask, text.pooled)
         estimates = torch.stack([w.frames - w.noise.view(-1, 1, 1, 1) * v.float() for w, v in zip(windows, velocity)])
-        return estimates.transpose(1, 2) / scale + shift
+        return cfg.raw_latents(estimates.transpose(1, 2))
+
+    def latent_config(self) -> ModelConfig:
+        """The model's config with the latent statistics of the encoder this run decodes."""
+        return self.model.cfg.replace(**self.latent_stats)
+
+    @torch.no_grad()
+    def degraded(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents (B, C, T_lat, h, w) made more like a DiT's, clip by clip with probability ``--degrade``:
+        the appearance channels blurred by a random share and noised (up to 0.15 of the normalised latents'
+        spread), the shape channels blurred, scaled by 0.7-1.2 and noised (up to 0.3). A DiT's latents round
+        off what the encoder's keep sharp, and its shape channels are never exact; a decoder trained only on the
+        encoder's latents draws those errors as blobs (ops/train/EXPERIMENTS.md, "Shape channels beside the
+        latents")."""
+        cfg = self.latent_config()
+        x = cfg.normalise_latents(z)
+        b, a = len(x), cfg.vae.appearance_channels
+        def share(high: float = 1.0, low: float = 0.0) -> torch.Tensor:
+            return (low + (high - low) * torch.rand(b, 1, 1, 1, 1)).to(x.device)
+        chosen = (torch.rand(b, 1, 1, 1, 1) < self.degrade).to(x.device)
+        look, shapes = x[:, :a], x[:, a:]
+        look = torch.lerp(look, blur_latents(look), share()) + share(0.15) * torch.randn_like(look)
+        if shapes.shape[1]:
+            shapes = torch.lerp(shapes, blur_latents(shapes), share()) * share(1.2, 0.7)
+            shapes = shapes + share(0.3) * torch.randn_like(shapes)
+        return cfg.raw_latents(torch.where(chosen, torch.cat([look, shapes], dim=1), x))
 
     def loss(self):
         draw = self.rng.random()
         source = "generated" if draw < self.generated else "circled" if draw < self.generated + self.circled else "own"
-        video, captions, objects, circles = self.batch(objects=bool(self.args.object_weight),
-                                                       circled=source == "circled")
+        video, captions, objects, circles, shapes = self.batch(objects=bool(self.args.object_weight),
+                                                               circled=source == "circled")
         weight = object_pixel_weight(objects, self.args.object_weight) if objects is not None else None
         if self.decoder_only:
             self.model.vae.encoder.eval()
         words = self.caption_tokens(captions)
+        # "circled": the latents of the same clips with every object a circle; the frames to draw are the clips
+        # themselves, so what tells a circle from a square is the caption, or the shape channels, alone.
+        mean, logvar = self.model.vae.encode_dist(circles if source == "circled" else video)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if source == "own" else mean.detach()
+        appearance = self.model.cfg.vae.appearance_channels
+        head = None
+        if self.shape_channels:
+            # The head learns from the true clips in every batch (on circled ones its own pass on them is cheap).
+            predicted = (self.model.vae.encoder.shape_head(self.model.vae._pack_time(video)) if source == "circled"
+                         else mean[:, appearance:])
+            head = F.mse_loss(predicted, shapes)
+            # The decoder learns from the true shape channels (a DiT's are trained towards them), not the head's.
+            z = torch.cat([z[:, :appearance], shapes], dim=1)
         if source == "generated":
-            with torch.no_grad():
-                mean, logvar = self.model.vae.encode_dist(video)
-            recon = self.model.vae.decode_frames(self.generated_latents(mean, captions), from_start=True,
-                                                 caption=words)
-        elif source == "circled":
-            # The latents of the same clips with every object a circle; the frames to draw are the clips
-            # themselves, so what tells a circle from a square is the caption alone.
-            with torch.no_grad():
-                mean, logvar = self.model.vae.encode_dist(circles)
-            recon = self.model.vae.decode_frames(mean, from_start=True, caption=words)
-        else:
-            recon, mean, logvar = self.model.vae(video, caption=words)
+            z = self.generated_latents(z, captions)
+        if self.degrade and self.decoder_only:
+            z = self.degraded(z)
+        recon = self.model.vae.decode_frames(z, from_start=True, caption=words)
+        mean, logvar = mean[:, :appearance], logvar[:, :appearance]  # the KL is the appearance posterior's
         error = recon - video
         l1 = weighted_mean(error.abs(), weight)
         mse = weighted_mean(error.pow(2), weight)
@@ -540,6 +606,9 @@ class VAETrainer(Trainer):
         seams = seam_loss(recon, video, self.model.cfg.vae.temporal_factor)
         loss = l1 + mse + self.args.edge * edges + self.args.seam * seams + self.args.kl * kl
         values = {"psnr": psnr.item(), "kl": kl.item(), "edges": edges.item(), "seams": seams.item()}
+        if head is not None:
+            loss = loss + head
+            values["shape_head"] = head.item()
         if objects is not None and (self.generated or self.circled):
             # Squared error on the objects' pixels, a running mean per kind of latents: whether the decoder
             # learns to draw the shapes the DiT's latents (or the circles) miss shows here and not in the loss.
@@ -559,8 +628,8 @@ class VAETrainer(Trainer):
         if self.ema is not None:
             self.module().load_state_dict(self.ema)
         means = []
-        for _ in range(16):
-            means.append(self.model.vae.encode_dist(self.batch()[0])[0])
+        for _ in range(16):  # the appearance channels' (shape channels are unit-sized by construction)
+            means.append(self.model.vae.encode_dist(self.batch()[0])[0][:, :self.model.cfg.vae.appearance_channels])
         z = torch.cat([m.flatten() for m in means])
         self.latent_stats = {"latent_shift": z.mean().item(), "latent_scale": 1.0 / z.std().item()}
         self.module().load_state_dict(saved)
@@ -576,6 +645,27 @@ class VAETrainer(Trainer):
         if self.frame_stack_only:
             extra["frame_stack_only"] = True
         return {**self.latent_stats, **extra}
+
+
+def latent_shape_targets(spec, frames: range, *, fps: int, width: int, height: int, cfg) -> torch.Tensor:
+    """The shape channels (S, T_lat, h, w) of a clip's frames ``frames`` (1 + 4k of them) for a VAE with
+    ``cfg.shape_channels``: SHAPE_SCALE times each latent pixel's per-shape coverage, averaged over the frames
+    the latent encodes (the first latent holds the first frame alone) and the pixels it covers."""
+    cover = torch.from_numpy(shape_coverage(spec, frames, fps=fps, width=width, height=height))  # (T, S, H, W)
+    tf = cfg.temporal_factor
+    per_latent = torch.stack([cover[0]] + [cover[1 + tf * k: 1 + tf * (k + 1)].mean(0)
+                                           for k in range((len(cover) - 1) // tf)])
+    return SHAPE_SCALE * F.avg_pool2d(per_latent, cfg.spatial_factor).transpose(0, 1)
+
+
+def blur_latents(z: torch.Tensor) -> torch.Tensor:
+    """Each latent frame of ``z`` (B, C, T, h, w) blurred by the 3x3 binomial kernel, edges replicated."""
+    b, c, t, h, w = z.shape
+    kernel = torch.tensor([1.0, 2.0, 1.0], device=z.device, dtype=z.dtype)
+    kernel = (kernel[:, None] * kernel[None]) / 16
+    frames = z.transpose(1, 2).reshape(b * t, c, h, w)
+    frames = F.conv2d(F.pad(frames, (1, 1, 1, 1), mode="replicate"), kernel.expand(c, 1, 3, 3), groups=c)
+    return frames.reshape(b, t, c, h, w).transpose(1, 2)
 
 
 def all_circles(spec):
@@ -860,6 +950,10 @@ class DiTTrainer(Trainer):
                 held = self.pool.preload(self.device)
                 print(f"[dit] pool held on {self.device}: {held / 2 ** 30:.2f} GiB", flush=True)
 
+    def adapt_warm_start(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        cfg = self.model.cfg
+        return VideoDiT.widened_state(state, cfg.vae.latent_channels, cfg.dit.patch)
+
     def metadata(self) -> dict:
         meta = {"head_only": True} if self.head_only else {}
         if self.args.images:
@@ -879,8 +973,7 @@ class DiTTrainer(Trainer):
                 encoded[d.size][d.rows:d.rows + len(d.times)] for d in batch.windows]
 
     def normalise(self, means: torch.Tensor) -> torch.Tensor:
-        cfg = self.model.cfg
-        return (means - cfg.latent_shift) * cfg.latent_scale
+        return self.model.cfg.normalise_latents(means)
 
     @torch.no_grad()
     def text(self, prompts: list[str]):
@@ -1111,9 +1204,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="vae --decoder-only: share of batches decoded from the run's DiT's clean-latent "
                              "estimates of the clips instead of the encoder's latents (needs the run's text and dit)")
     parser.add_argument("--circled", type=float, default=0.0, metavar="P",
-                        help="vae --decoder-only with a decoder that reads the prompt: share of batches decoded "
-                             "from the latents of the same clips with every object a circle, to the clips "
-                             "themselves (the caption alone then tells the shape)")
+                        help="vae --decoder-only with a decoder that reads the prompt or shape channels: share of "
+                             "batches decoded from the latents of the same clips with every object a circle, to "
+                             "the clips themselves (the caption or the shape channels alone then tell the shape)")
+    parser.add_argument("--degrade", type=float, default=0.0, metavar="P",
+                        help="vae --decoder-only: share of clips whose latents are blurred and noised (and shape "
+                             "channels jittered) before decoding, as a DiT's latents are")
     parser.add_argument("--decoder-only", action="store_true",
                         help="vae: train the decoder alone on the frozen encoder (the latent space stays fixed)")
     parser.add_argument("--frame-stack-only", action="store_true",

@@ -245,3 +245,21 @@ def test_refine_head_starts_as_the_identity_then_sees_across_patch_borders():
     assert at_other_level.abs().amax() > 1e-4
     assert from_features.abs().amax() > 1e-4
     assert difference[0, :, 4, 4].abs().amax() > 1e-4  # first row/column of patch (2, 2)
+
+
+def test_a_widened_dit_predicts_what_its_source_did_and_nothing_for_the_added_channels(dit):
+    """`VideoDiT.widened_state`: a DiT for 4 latent channels moved to 8 (shape channels beside the same
+    appearance latents) predicts the same velocities for the first 4 whatever the added channels hold, and zero
+    for the added ones, until training teaches it otherwise."""
+    state = VideoDiT.widened_state(dit.state_dict(), CHANNELS + 4, CFG.patch)
+    wide = VideoDiT(CFG, CHANNELS + 4, TEXT_DIM, POOLED_DIM).eval()
+    wide.load_state_dict(state)
+    narrow_window = window([0, 3, 7], [True, False, False], seed=3)
+    extra = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    wide_window = FrameInputs(torch.cat([narrow_window.frames, extra], dim=1), narrow_window.observed,
+                              narrow_window.times, narrow_window.noise)
+    (before,), (after,) = run(dit, [narrow_window]), run(wide, [wide_window])
+    torch.testing.assert_close(after[:, :CHANNELS], before, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(after[:, CHANNELS:]) == 0 and before.abs().amax() > 1e-2
+    # A DiT that already has the channels is left as it is.
+    assert VideoDiT.widened_state(state, CHANNELS + 4, CFG.patch) == state

@@ -12,13 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 import model.train
+from model.config import VAEConfig
 from model.dit import VideoDiT
 from model.generator import Generator, VideoModel, Window
 from model.text import TextEncoder
 from model.latent_pool import encode_pixel_groups
-from model.train import (draw_world_windows, gradient_loss, lr_at, main, object_loss_weight, object_pixel_weight,
-                         run_config, sample_window, seam_loss, shape_variants, weighted_mean)
-from model.world import ObjectSpec, WorldSpec, caption, parse_caption, sample_world
+from model.train import (draw_world_windows, gradient_loss, latent_shape_targets, lr_at, main, object_loss_weight,
+                         object_pixel_weight, run_config, sample_window, seam_loss, shape_variants, weighted_mean)
+from model.vae import SHAPE_SCALE
+from model.world import SHAPES, ObjectSpec, WorldSpec, caption, parse_caption, render_frames, sample_world
 
 
 def test_a_time_budget_anneals_the_learning_rate_when_the_clock_is_ahead_of_the_steps():
@@ -492,3 +494,83 @@ def test_the_caption_cache_encodes_again_what_clearing_it_dropped(monkeypatch):
     assert tokens[:, 0].tolist() == [ord("b"), ord("c"), ord("d")]
     assert pooled[:, 0].tolist() == [2 * ord("b"), 2 * ord("c"), 2 * ord("d")]
     assert set(trainer.text_cache) == {"b", "c", "d"}
+
+
+@pytest.mark.timeout(300)
+def test_a_vae_with_shape_channels_trains_its_head_and_decoder_on_a_frozen_encoder(tmp_path, capsys):
+    """A run whose VAE adds shape channels to a trained one's latents (`vae.shape_channels`): decoder-only
+    training from the source keeps its encoder and latent statistics, starts the decoder from the source's (the
+    layer for the shape channels at zero), trains the encoder's shape head towards the world's shape coverage, and decodes
+    circles' latents beside the true channels (`--circled`) and degraded latents (`--degrade`). The DiT and a
+    checkpoint then work in the wider latent space."""
+    source, run = tmp_path / "source", tmp_path / "shapes"
+    common = ["--preset", "tiny", "--batch", "2", "--log-every", "1", "--warmup", "1"]
+    assert main(["vae", *common, "--run", str(source), "--steps", "2"]) == 0
+    recorded = json.loads((source / "model.json").read_text())
+    appearance = recorded["vae"]["latent_channels"]
+    recorded["vae"].update(latent_channels=appearance + len(SHAPES), shape_channels=len(SHAPES))
+    run.mkdir()
+    (run / "model.json").write_text(json.dumps(recorded))
+    capsys.readouterr()
+    assert main(["vae", *common, "--run", str(run), "--steps", "3", "--decoder-only", "--init-from", str(source),
+                 "--lr", "1e-12", "--circled", "0.5", "--degrade", "1"]) == 0
+    assert "encoder.shape_head" in capsys.readouterr().out  # warm start: the head is new
+    before, after = (load_file(str(r / "vae" / "vae.safetensors")) for r in (source, run))
+    for key in (k for k in before if k.startswith("encoder.")):
+        assert torch.equal(after[key], before[key]), key
+    torch.testing.assert_close(after["decoder.conv_in.weight"], before["decoder.conv_in.weight"], rtol=0, atol=1e-6)
+    assert after["decoder.shape_in.weight"].abs().max() < 1e-6
+    logged = [json.loads(line) for line in (run / "vae" / "log.jsonl").read_text().splitlines()]
+    assert all("shape_head" in row for row in logged)  # every batch trains the head, circled ones too
+    meta = json.loads((run / "vae" / "vae.json").read_text())
+    assert meta["latent_scale"] == json.loads((source / "vae" / "vae.json").read_text())["latent_scale"]
+
+    # Going on at a real learning rate, the head moves and the encoder's other weights do not.
+    assert main(["vae", *common, "--run", str(run), "--steps", "6", "--decoder-only", "--lr", "1e-3"]) == 0
+    trained = load_file(str(run / "vae" / "vae.safetensors"))
+    for key in ("encoder.shape_head.out.weight", "decoder.shape_in.weight"):
+        assert not torch.equal(trained[key], after[key]), key
+    for key in (k for k in before if k.startswith("encoder.")):
+        assert torch.equal(trained[key], before[key]), key
+
+    assert main(["text", *common, "--run", str(run), "--steps", "1", "--batch", "4"]) == 0
+    assert main(["dit", *common, "--run", str(run), "--steps", "1"]) == 0
+    out = tmp_path / "checkpoint"
+    assert main(["export", "--preset", "tiny", "--run", str(run), "--out", str(out)]) == 0
+    generator = Generator.load(out)
+    assert generator.latent_channels == appearance + len(SHAPES)
+    spec = WorldSpec(background="grey", objects=[ObjectSpec(shape="square", colour="red", size=0.3, motion="rest",
+                                                            x=0.5, y=0.5)])
+    frames = render_frames(spec, range(5), fps=24, width=32, height=32)
+    z = generator.encode(frames)
+    assert tuple(z.shape) == (2, appearance + len(SHAPES), 4, 4)  # tiny: x8 in space
+    # The shape channels are the head's output as it is (no latent normalisation), and the decoder reads them.
+    with torch.no_grad():
+        pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        raw, _ = generator.model.vae.float().encode_dist(pixels)
+    torch.testing.assert_close(z[:, appearance:], raw[0, appearance:].transpose(0, 1), rtol=1e-4, atol=1e-4)
+    moved = z.clone()
+    moved[:, appearance:] = torch.roll(moved[:, appearance:], 1, dims=1)
+    assert not torch.equal(generator.decode(z), generator.decode(moved))
+
+
+def test_shape_targets_hold_each_latent_pixels_share_of_each_shape():
+    """`latent_shape_targets`: SHAPE_SCALE x the share of each latent pixel an object of each shape covers, the
+    first latent from the first frame alone, the others from their four frames; nothing for absent shapes."""
+    cfg = VAEConfig(latent_channels=8, shape_channels=4, channels=(8, 8, 8), spatial_factor=4)
+    spec = WorldSpec(background="grey", objects=[
+        ObjectSpec(shape="square", colour="red", size=0.2, motion="rest", x=0.3, y=0.5),
+        ObjectSpec(shape="triangle", colour="blue", size=0.15, motion="bounce", x=0.7, y=0.5, vx=0.5)])
+    targets = latent_shape_targets(spec, range(0, 9), fps=24, width=64, height=64, cfg=cfg)
+    assert tuple(targets.shape) == (4, 3, 16, 16)
+    assert targets.min() >= 0 and targets.sum(0).max() <= SHAPE_SCALE + 1e-5
+    assert targets[SHAPES.index("circle")].abs().max() == 0 and targets[SHAPES.index("diamond")].abs().max() == 0
+    square, triangle = targets[SHAPES.index("square")], targets[SHAPES.index("triangle")]
+    # A resting square covers (2 x 0.2 x 64)^2 pixels in every latent: its channel's sum over the latent pixels.
+    expected = (2 * 0.2 * 64) ** 2 / 16 * SHAPE_SCALE
+    for t in range(3):
+        assert float(square[t].sum()) == pytest.approx(expected, rel=0.05)
+    # The moving triangle's mass moves right from latent to latent.
+    columns = torch.arange(16.0)
+    centres = [float((triangle[t].sum(0) * columns).sum() / triangle[t].sum()) for t in range(3)]
+    assert centres[0] < centres[1] < centres[2]

@@ -227,3 +227,42 @@ def test_spatial_factor_must_match_the_levels_and_the_patch():
         ModelConfig(preset="tiny", dit=DiTConfig(patch=4))
     with pytest.raises(ValueError, match=r"vae.channels: \(8, 48\) with shortcuts"):
         VAEConfig(channels=(8, 48), spatial_factor=2, shortcuts=True)
+
+
+def test_shape_channels_are_the_encoders_head_and_a_widened_decoder_starts_as_its_source():
+    """`vae.shape_channels`: the last channels of the latents are the encoder's shape head (starting at zero,
+    kept as they are by the latent normalisation, never sampled); a decoder widened from one without them draws
+    the same frames whatever the shape channels hold until it is trained."""
+    from model.config import ModelConfig, VAEConfig, get_preset
+    from model.vae import SHAPE_LOGVAR, CausalVAE
+
+    tiny = get_preset("tiny").vae
+    with pytest.raises(ValueError, match=r"vae.shape_channels: 4 must be at least 0 and below vae.latent_channels"):
+        dataclasses.replace(tiny, shape_channels=4)
+    wide_cfg = dataclasses.replace(tiny, latent_channels=tiny.latent_channels + 4, shape_channels=4)
+    assert wide_cfg.appearance_channels == tiny.latent_channels
+    torch.manual_seed(0)
+    plain, wide = CausalVAE(tiny).eval(), CausalVAE(wide_cfg).eval()
+    wide.encoder.load_state_dict({**wide.encoder.state_dict(), **plain.encoder.state_dict()})
+    video = torch.from_numpy(clip(5, 32, 32, seed=3)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        mean, logvar = plain.encode_dist(video)
+        wide_mean, wide_logvar = wide.encode_dist(video)
+    torch.testing.assert_close(wide_mean[:, :tiny.latent_channels], mean)
+    assert torch.count_nonzero(wide_mean[:, tiny.latent_channels:]) == 0  # the head starts at zero
+    assert torch.all(wide_logvar[:, tiny.latent_channels:] == SHAPE_LOGVAR)
+
+    config = ModelConfig(preset="tiny", vae=wide_cfg, latent_shift=0.5, latent_scale=2.0)
+    raw = torch.randn(2, wide_cfg.latent_channels, 3, 4, 4)
+    z = config.normalise_latents(raw)
+    torch.testing.assert_close(z[:, :4], (raw[:, :4] - 0.5) * 2.0)
+    assert torch.equal(z[:, 4:], raw[:, 4:])
+    torch.testing.assert_close(config.raw_latents(z), raw)
+
+    missing, unexpected = wide.decoder.load_state_dict(plain.decoder.state_dict(), strict=False)
+    assert sorted(missing) == ["shape_in.bias", "shape_in.weight"] and not unexpected
+    shapes = torch.randn(1, 4, 2, 4, 4)
+    with torch.no_grad():
+        before = plain.decode_frames(mean, from_start=True)
+        after = wide.decode_frames(torch.cat([mean, shapes], dim=1), from_start=True)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
