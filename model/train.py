@@ -16,8 +16,10 @@ config.json) that :meth:`model.Generator.load` reads.
 
 A run whose ``model.json`` gives the VAE shape channels (``vae.shape_channels``, ``vae.latent_channels`` grown by as
 many) goes on from a model without them: ``vae --decoder-only --init-from CHECKPOINT --circled P --degrade P``
-keeps the encoder's latents, trains its shape head and widens the decoder; ``dit --init-from CHECKPOINT`` then
-widens the DiT (the new channels' weights at zero) and trains it in the wider latent space.
+keeps the encoder's latents, trains its shape head and widens the decoder; ``vae --head-only`` trains the shape head
+alone on the frozen VAE (it leaves its "no object" plateau only after some hundreds of steps, cheap without the
+decoder's pass); ``dit --init-from CHECKPOINT`` then widens the DiT (the new channels' weights at zero) and trains
+it in the wider latent space.
 
 Training runs on a CUDA device when there is one (``--device``, default ``auto``; the forward passes in bf16
 autocast there, the weights, optimiser and EMA stay fp32) and on the CPU otherwise. Every part records where
@@ -403,7 +405,14 @@ class VAETrainer(Trainer):
     part = "vae"
 
     def __init__(self, args, model: VideoModel):
-        self.decoder_only = bool(getattr(args, "decoder_only", False))
+        self.head_only = bool(getattr(args, "head_only", False))
+        if self.head_only and not model.cfg.vae.shape_channels:
+            raise ValueError("--head-only: this run's VAE has no shape head (vae.shape_channels is 0 in its "
+                             "model.json)")
+        # The shape head alone learns on the frozen VAE (encoder and decoder as the run or --init-from has them):
+        # it reads pixels and is supervised by the world, so no decoder pass is needed and a step is a few
+        # renders and the head's own small network.
+        self.decoder_only = bool(getattr(args, "decoder_only", False)) or self.head_only
         self.generated = float(getattr(args, "generated", 0.0) or 0.0)
         if not 0.0 <= self.generated <= 1.0:
             raise ValueError(f"--generated: {self.generated!r} must be a share in [0, 1]")
@@ -421,13 +430,15 @@ class VAETrainer(Trainer):
             for frozen in decoder.before_frame_stack():
                 frozen.requires_grad_(False)
             params = [p for p in decoder.parameters() if p.requires_grad]
+        elif self.head_only:
+            params = model.vae.encoder.shape_head.parameters()
         else:
             params = model.vae.decoder.parameters() if self.decoder_only else model.vae.parameters()
         self.shape_channels = model.cfg.vae.shape_channels
         if self.shape_channels and self.shape_channels != len(SHAPES):
             raise ValueError(f"vae.shape_channels: {self.shape_channels} must be 0 or one per shape of the world "
                              f"({len(SHAPES)}: {', '.join(SHAPES)})")
-        if self.shape_channels:
+        if self.shape_channels and not self.head_only:
             # The layers new with the shape channels (the encoder's head, the decoder's input for them) learn at
             # SHAPE_LR_SCALE times the rest's rate; the head trains beside a frozen encoder too, whose appearance
             # latents (and a DiT's training on them) stay as they were.
@@ -440,6 +451,8 @@ class VAETrainer(Trainer):
         self.latent_stats: dict = {}
         if self.decoder_only:
             self.load_frozen_encoder(model)
+            if self.head_only:
+                model.vae.decoder.requires_grad_(False)
             if self.shape_channels:
                 model.vae.encoder.shape_head.requires_grad_(True)
         self.object_error: dict[str, float] = {}
@@ -449,6 +462,12 @@ class VAETrainer(Trainer):
         if self.circled and not (self.decoder_only and (model.vae.reads_caption or self.shape_channels)):
             raise ValueError("--circled: needs --decoder-only and a decoder that reads the prompt or shape "
                              "channels (vae.caption_width or vae.shape_channels in the run's model.json)")
+        decoder_options = [name for name, on in (("--generated", self.generated), ("--circled", self.circled),
+                                                 ("--degrade", self.degrade), ("--frame-stack-only",
+                                                                               self.frame_stack_only)) if on]
+        if self.head_only and decoder_options:
+            raise ValueError(f"--head-only: trains the shape head alone; {', '.join(decoder_options)} "
+                             f"train the decoder")
         if self.generated:
             model.dit.eval().requires_grad_(False)
         if self.generated or model.vae.reads_caption:
@@ -473,6 +492,7 @@ class VAETrainer(Trainer):
             raise FileNotFoundError(f"vae: --decoder-only needs trained weights at {self.paths.weights} "
                                     f"or --init-from a run or checkpoint with a trained encoder")
         self.latent_stats = {k: meta[k] for k in ("latent_shift", "latent_scale")}
+        self.frozen_record = meta
         self.encoder_steps = meta.get("encoder_steps", meta.get("step"))
         model.vae.encoder.requires_grad_(False)
 
@@ -483,7 +503,8 @@ class VAETrainer(Trainer):
 
     @property
     def state_path(self) -> Path:
-        return self.paths.dir / ("state-decoder.pt" if self.decoder_only else "state.pt")
+        name = "state-head.pt" if self.head_only else "state-decoder.pt" if self.decoder_only else "state.pt"
+        return self.paths.dir / name
 
     def batch(self, objects: bool = False, circled: bool = False):
         """A batch of same-sized clips, mostly 9-frame videos (3 latents), some single images; their captions;
@@ -569,7 +590,16 @@ class VAETrainer(Trainer):
             shapes = shapes + share(0.3) * torch.randn_like(shapes)
         return cfg.raw_latents(torch.where(chosen, torch.cat([look, shapes], dim=1), x))
 
+    def head_loss(self):
+        """``--head-only``: the shape head's squared error against the world's shape channels on true clips."""
+        video, _, _, _, shapes = self.batch()
+        predicted = self.model.vae.encoder.shape_head(self.model.vae._pack_time(video))
+        head = F.mse_loss(predicted, shapes)
+        return head, {"shape_head": head.item()}
+
     def loss(self):
+        if self.head_only:
+            return self.head_loss()
         draw = self.rng.random()
         source = "generated" if draw < self.generated else "circled" if draw < self.generated + self.circled else "own"
         video, captions, objects, circles, shapes = self.batch(objects=bool(self.args.object_weight),
@@ -635,7 +665,13 @@ class VAETrainer(Trainer):
         self.module().load_state_dict(saved)
 
     def metadata(self) -> dict:
+        if self.head_only:  # the decoder's record stays as its own training left it
+            kept = ("decoder_steps", "generated", "circled", "degrade", "object_weight", "frame_stack_only")
+            return {**self.latent_stats, "encoder_steps": self.encoder_steps, "shape_head_steps": self.step,
+                    **{k: self.frozen_record[k] for k in kept if k in self.frozen_record}}
         extra = {"decoder_steps": self.step, "encoder_steps": self.encoder_steps} if self.decoder_only else {}
+        if self.degrade:
+            extra["degrade"] = self.degrade
         if self.generated:
             extra["generated"] = self.generated
         if self.circled:
@@ -1238,7 +1274,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"as negatives only the shape word tells apart (default {SHAPE_VARIANTS}; 1: none)")
     parser.add_argument("--head-only", action="store_true",
                         help="dit: train the refine head alone (dit.refine > 0 in the run's model.json) on the "
-                             "frozen, warm-started DiT")
+                             "frozen, warm-started DiT; vae: train the shape head alone (vae.shape_channels > 0) "
+                             "on the frozen VAE, against the world's shape coverage")
     parser.add_argument("--loader-workers", type=int, default=0,
                         help="dit: worker processes that draw the clips of coming steps while this one trains "
                              "(0: drawn between steps; the world is drawn on the CPU, a GPU step waits for it); "

@@ -12,6 +12,7 @@
 #   INIT=.carry/ck OBJECT_WEIGHT=1 MINUTES=20 bash ops/train/gpu-dit.sh   # go on from another exported checkpoint
 #   POOL_CLIPS=300 BATCH=512 CALL_SECONDS=560 bash ops/train/gpu-dit.sh   # a pool held on the GPU; fit a call
 #   DIT_CONFIG='{"patch": 2}' POOL_CLIPS=300 MINUTES=6 bash ops/train/gpu-dit.sh    # 2x2 patches, blocks warm
+#   SHAPE_STEPS=2000 HEAD_STEPS=2000 TEXT_STEPS=8000 CALL_SECONDS=560 bash ops/train/gpu-dit.sh   # shape channels
 #
 # The learning rate anneals over the MINUTES where they end before STEPS (--anneal-in-time), so the run ends
 # annealed whatever the machine's speed.
@@ -23,6 +24,7 @@
 #   longshot train unpack --run runs/gpu
 #   cp gpu-out/dit.safetensors gpu-out/dit.json runs/gpu/dit/
 #   cp gpu-out/text.safetensors gpu-out/text.json runs/gpu/text/                  # after TEXT_STEPS=N
+#   cp gpu-out/model.json runs/gpu/ && cp gpu-out/vae.safetensors gpu-out/vae.json runs/gpu/vae/  # SHAPE_STEPS=N
 #   longshot train export --run runs/gpu --out model/checkpoints/demo     # then `longshot eval` decides
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -60,6 +62,15 @@ pool_clips=${POOL_CLIPS:-0}
 # as four times as many tokens. Tensors whose shape changes (patch embedding, output layer) start fresh, the
 # blocks are warm-started from INIT.
 dit_config=${DIT_CONFIG:-}
+# Shape channels (ops/train/EXPERIMENTS.md, "Shape channels beside the latents"): the one change that has made a
+# generator draw squares, with a text encoder that tells shapes apart (TEXT_STEPS). SHAPE_STEPS > 0 widens the
+# VAE of an INIT without them by four channels holding each shape's coverage: its decoder trains SHAPE_STEPS on
+# the frozen encoder (half its batches circles' latents beside the true channels, latents degraded as a DiT's
+# are), then the encoder's shape head HEAD_STEPS alone, and the DiT widens to them (new weights at zero). The
+# VAE and model.json then come back too; chain later calls through the exported checkpoint as INIT.
+shape_steps=${SHAPE_STEPS:-0}
+head_steps=${HEAD_STEPS:-2000}
+shape_batch=${SHAPE_BATCH:-16}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -80,6 +91,27 @@ json.dump(config, open(path, "w"), indent=2)
 print("DiT architecture:", config["dit"])
 PY
   rm -f "$run/dit/dit.safetensors" "$run/dit/state.pt"  # the unpacked DiT has the old shapes
+fi
+if [ "$shape_steps" -gt 0 ]; then
+  python3 - "$run/model.json" <<'PY'
+import json, sys
+from model.world import SHAPES
+path = sys.argv[1]
+config = json.load(open(path))
+if config["vae"].get("shape_channels"):
+    sys.exit("SHAPE_STEPS: the VAE of INIT already has shape channels; chain with SHAPE_STEPS=0")
+config["vae"].update(latent_channels=config["vae"]["latent_channels"] + len(SHAPES), shape_channels=len(SHAPES))
+json.dump(config, open(path, "w"), indent=2)
+print("VAE architecture:", config["vae"])
+PY
+  # The unpacked VAE and DiT have the old shapes: both warm-start from INIT instead.
+  rm -f "$run/vae/vae.safetensors" "$run/vae/state"*.pt "$run/dit/dit.safetensors" "$run/dit/state.pt"
+  python3 -m model.train vae --run "$run" --init-from "$init" --decoder-only --circled 0.5 --degrade 0.8 \
+    --seam 4 --steps "$shape_steps" --batch "$shape_batch" --lr 5e-4 --log-every 100 --device "$device" 2>&1 \
+    | tee "$out/train-vae.txt"
+  python3 -m model.train vae --run "$run" --head-only --steps "$head_steps" --batch "$shape_batch" --lr 1e-3 \
+    --log-every 100 --device "$device" 2>&1 | tee "$out/train-head.txt"
+  cp "$run/model.json" "$run/vae/vae.safetensors" "$run/vae/vae.json" "$out/"
 fi
 if [ "$text_steps" -gt 0 ]; then
   rm "$run/text/text.safetensors"  # so that the text part warm-starts from the checkpoint with a fresh optimiser

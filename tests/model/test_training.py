@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -554,6 +558,40 @@ def test_a_vae_with_shape_channels_trains_its_head_and_decoder_on_a_frozen_encod
     assert not torch.equal(generator.decode(z), generator.decode(moved))
 
 
+def test_the_shape_head_trains_alone_on_the_frozen_vae(tmp_path, capsys):
+    """`vae --head-only`: only the encoder's shape head moves, towards the world's shape coverage; the encoder,
+    the decoder and the decoder's training record stay as they were, and its state is kept apart from the
+    decoder's, so either can go on afterwards. Decoder options and VAEs without shape channels are refused."""
+    source, run = tmp_path / "source", tmp_path / "shapes"
+    common = ["--preset", "tiny", "--batch", "2", "--log-every", "1", "--warmup", "1"]
+    assert main(["vae", *common, "--run", str(source), "--steps", "1"]) == 0
+    with pytest.raises(ValueError, match="--head-only: this run's VAE has no shape head"):
+        main(["vae", *common, "--run", str(source), "--steps", "1", "--head-only"])
+    recorded = json.loads((source / "model.json").read_text())
+    recorded["vae"].update(latent_channels=recorded["vae"]["latent_channels"] + len(SHAPES),
+                           shape_channels=len(SHAPES))
+    run.mkdir()
+    (run / "model.json").write_text(json.dumps(recorded))
+    assert main(["vae", *common, "--run", str(run), "--steps", "2", "--decoder-only", "--init-from",
+                 str(source)]) == 0
+    decoded = load_file(str(run / "vae" / "vae.safetensors"))
+    with pytest.raises(ValueError, match="--head-only: trains the shape head alone; --circled"):
+        main(["vae", *common, "--run", str(run), "--steps", "3", "--head-only", "--circled", "0.5"])
+
+    capsys.readouterr()
+    assert main(["vae", *common, "--run", str(run), "--steps", "6", "--head-only", "--lr", "1e-3"]) == 0
+    trained = load_file(str(run / "vae" / "vae.safetensors"))
+    for key in decoded:
+        moved = not torch.equal(trained[key], decoded[key])
+        assert moved == key.startswith("encoder.shape_head."), key
+    logged = [json.loads(line) for line in (run / "vae" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged][-6:] == [1, 2, 3, 4, 5, 6]
+    assert all(set(row) >= {"loss", "shape_head"} and row["loss"] == row["shape_head"] for row in logged[-6:])
+    meta = json.loads((run / "vae" / "vae.json").read_text())
+    assert meta["shape_head_steps"] == 6 and meta["decoder_steps"] == 2
+    assert (run / "vae" / "state-head.pt").is_file() and (run / "vae" / "state-decoder.pt").is_file()
+
+
 def test_shape_targets_hold_each_latent_pixels_share_of_each_shape():
     """`latent_shape_targets`: SHAPE_SCALE x the share of each latent pixel an object of each shape covers, the
     first latent from the first frame alone, the others from their four frames; nothing for absent shapes."""
@@ -574,3 +612,26 @@ def test_shape_targets_hold_each_latent_pixels_share_of_each_shape():
     columns = torch.arange(16.0)
     centres = [float((triangle[t].sum(0) * columns).sum() / triangle[t].sum()) for t in range(3)]
     assert centres[0] < centres[1] < centres[2]
+
+
+def test_the_gpu_training_script_gives_the_shipped_model_shape_channels(tmp_path):
+    """`SHAPE_STEPS=N bash ops/train/gpu-dit.sh`, two steps a part on the CPU: the shipped VAE widens by one
+    channel per shape, its decoder and then its head train, the DiT widens to the new latent space, and what
+    comes back (model.json, the VAE and the DiT) makes a checkpoint that samples 8-channel latents."""
+    repo = Path(__file__).resolve().parents[2]
+    out, run = tmp_path / "out", tmp_path / "run"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DEVICE": "cpu",
+           "SHAPE_STEPS": "2", "HEAD_STEPS": "2", "SHAPE_BATCH": "2", "STEPS": "2", "BATCH": "2", "PROMPTS": "0",
+           "MINUTES": "2", "LOADER_WORKERS": "1", "OUT": str(out), "RUN": str(run)}
+    done = subprocess.run(["bash", "ops/train/gpu-dit.sh"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    config = json.loads((out / "model.json").read_text())
+    assert config["vae"]["shape_channels"] == len(SHAPES) and config["vae"]["latent_channels"] == 4 + len(SHAPES)
+    vae = json.loads((out / "vae.json").read_text())
+    assert vae["decoder_steps"] == 2 and vae["shape_head_steps"] == 2 and vae["circled"] == 0.5
+    assert "shape_head=" in (out / "train-head.txt").read_text()
+    generator = Generator.load(run / "export")
+    z = generator.sample(Window((), (0,), *generator.latent_size(32, 48)), None, "a red square", seed=0, steps=1,
+                         guidance=4.0)
+    assert z.shape[1] == 4 + len(SHAPES)
