@@ -123,8 +123,30 @@ class DiTConfig:
     # the head works per latent pixel and across patch borders. Starts as the identity. Off in the presets:
     # 8,000 head-only steps on the shipped demo DiT left adherence and seams where they were (MODEL_CARD.md).
     refine: int = 0
+    # Channels of convolutional stages around the transformer (empty: none; see dit.ConvStages): the first at
+    # the latent resolution, each next one at half the last one's. They replace the linear patch embedding and
+    # output layer by a small U-Net whose skip connections carry every latent pixel of the input to the output,
+    # as U-ViT and HDiT do: on single frames a convolutional U-Net drew twice the prompted shapes the DiT drew
+    # on the same data (ops/train/EXPERIMENTS.md). The tokens are still `patch` latent pixels wide, so the
+    # transformer's cost is unchanged; 2 ** (len(conv) - 1) must divide `patch`.
+    conv: tuple[int, ...] = ()
+    conv_blocks: int = 1  # residual blocks per stage, on the way down and again on the way up
     rope_theta_space: float = 100.0
     rope_theta_time: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.conv:
+            if self.patch % 2 ** (len(self.conv) - 1):
+                raise ValueError(f"dit.conv: {len(self.conv)} stages halve the resolution {len(self.conv) - 1} "
+                                 f"times, which must divide dit.patch {self.patch}")
+            if self.refine:
+                raise ValueError("dit.refine: the refine head and convolutional stages (dit.conv) exclude each "
+                                 "other; the stages already end in convolutions at the latent resolution")
+            if any(c < 8 or c % 8 for c in self.conv):
+                raise ValueError(f"dit.conv: {list(self.conv)}: every stage needs a multiple of 8 channels "
+                                 f"(its group normalisation has 8 groups)")
+        if self.conv_blocks < 1:
+            raise ValueError(f"dit.conv_blocks: {self.conv_blocks} must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -396,10 +396,11 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden: int, out_dim: int):
+    def __init__(self, hidden: int, out_dim: int | None):
         super().__init__()
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden, out_dim)
+        # None with convolutional stages: they read the features themselves (ConvStages.decode).
+        self.linear = nn.Linear(hidden, out_dim) if out_dim else None
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
     def features(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -475,6 +476,109 @@ class RefineHead(nn.Module):
         return velocity + self.conv3(F.silu(self.conv2(F.silu(self.conv1(x)))))
 
 
+class ConvResBlock(nn.Module):
+    """A residual block of two 3x3 convolutions, its features scaled and shifted per frame by the frame's
+    conditioning (noise level and pooled prompt), the second convolution starting at zero (the block starts as
+    the identity, as adaLN-Zero starts every transformer block closed)."""
+
+    def __init__(self, channels: int, cond_dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(8, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(8, channels)
+        self.film = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * channels))
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:  # (F, C, h, w), (F, D)
+        h = self.conv1(F.silu(self.norm1(x)))
+        shift, scale = self.film(cond)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        return x + self.conv2(F.silu(h))
+
+
+class ConvStages(nn.Module):
+    """Convolutional stages around the transformer, U-Net fashion (``dit.conv``; U-ViT, HDiT).
+
+    Down: a 3x3 stem over the input latents and the observed mask at the latent resolution, then per stage
+    ``blocks`` residual blocks and a stride-2 convolution into the next stage; the last stage's features are cut
+    into patches and projected to tokens. Up: the transformer's output tokens are projected back to the last
+    stage's features, and each stage, from the lowest, joins its skip connection (the features it had on the
+    way down), runs ``blocks`` residual blocks and is upsampled into the stage above; a last 3x3 convolution,
+    starting at zero, gives the velocity. Each frame is convolved on its own, so frames of a window never mix
+    here: time is the transformer's alone, and the observed frames' cache stays valid.
+
+    Why: with 4x4 patches an object a dozen pixels across is one or two tokens, each token predicts its patch
+    through one linear layer, and the corners that tell a square from a circle live inside one latent pixel's
+    neighbourhood. The skip connections hand every latent pixel of the noisy input to the convolutions at the
+    output, where those corners are drawn.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, widths: tuple[int, ...], patch: int, hidden: int,
+                 blocks: int):
+        super().__init__()
+        self.widths = widths
+        self.token_patch = patch // 2 ** (len(widths) - 1)  # what is left of the patch below the last stage
+        q2 = self.token_patch ** 2
+        self.stem = nn.Conv2d(in_channels + 1, widths[0], 3, padding=1)
+        self.down = nn.ModuleList(nn.ModuleList(ConvResBlock(c, hidden) for _ in range(blocks)) for c in widths)
+        self.downsample = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(widths, widths[1:]))
+        self.to_tokens = nn.Linear(widths[-1] * q2, hidden)
+        self.from_tokens = nn.Linear(hidden, widths[-1] * q2)
+        self.join = nn.ModuleList(nn.Conv2d(2 * c, c, 1) for c in widths)
+        self.up = nn.ModuleList(nn.ModuleList(ConvResBlock(c, hidden) for _ in range(blocks)) for c in widths)
+        self.upsample = nn.ModuleList(nn.Conv2d(b, a, 3, padding=1) for a, b in zip(widths, widths[1:]))
+        self.out_norm = nn.GroupNorm(8, widths[0])
+        self.out = nn.Conv2d(widths[0], out_channels, 3, padding=1)
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=5 ** 0.5)
+                nn.init.zeros_(m.bias)
+        for blocks in (*self.down, *self.up):
+            for block in blocks:
+                nn.init.zeros_(block.conv2.weight)  # every residual block starts as the identity
+                nn.init.zeros_(block.film[-1].weight)
+                nn.init.zeros_(block.film[-1].bias)
+        nn.init.zeros_(self.out.weight)  # and the output at zero, like the plain DiT's output layer
+        nn.init.zeros_(self.out.bias)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:  # (F, C, h, w) -> (F * h/q * w/q, C * q * q)
+        f, c, h, w = x.shape
+        q = self.token_patch
+        x = x.reshape(f, c, h // q, q, w // q, q).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(f * (h // q) * (w // q), c * q * q)
+
+    def encode(self, frames: torch.Tensor, observed: torch.Tensor,
+               cond: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(F, C, h, w) latents, (F,) flags, (F, D) conditioning -> the tokens and the skip features."""
+        mask = observed.to(frames.dtype)[:, None, None, None].expand(frames.shape[0], 1, *frames.shape[2:])
+        x = self.stem(torch.cat([frames, mask], dim=1))
+        skips = []
+        for i, blocks in enumerate(self.down):
+            for block in blocks:
+                x = block(x, cond)
+            skips.append(x)
+            if i < len(self.downsample):
+                x = self.downsample[i](x)
+        return self.to_tokens(self.patches(x)), skips
+
+    def decode(self, tokens: torch.Tensor, skips: list[torch.Tensor], cond: torch.Tensor) -> torch.Tensor:
+        """The transformer's output features per token -> the velocity (F, out_channels, h, w)."""
+        low = skips[-1]
+        f, c, h, w = low.shape
+        q = self.token_patch
+        x = self.from_tokens(tokens).reshape(f, h // q, w // q, c, q, q).permute(0, 3, 1, 4, 2, 5)
+        x = x.reshape(f, c, h, w)
+        for i in reversed(range(len(self.widths))):
+            x = self.join[i](torch.cat([x, skips[i]], dim=1))
+            for block in self.up[i]:
+                x = block(x, cond)
+            if i:
+                x = self.upsample[i - 1](F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.out(F.silu(self.out_norm(x)))
+
+
 class VideoDiT(nn.Module):
     def __init__(self, cfg: DiTConfig, latent_channels: int, text_dim: int, text_pooled_dim: int):
         super().__init__()
@@ -485,12 +589,16 @@ class VideoDiT(nn.Module):
             raise ValueError(f"dit.hidden: {d} must split into {cfg.heads} heads of a size divisible by 4")
         self.head_dim = d // cfg.heads
         # +1 input channel: the observed mask (FDM / VDT), so the model can tell given frames from noise.
-        self.patch_embed = nn.Linear((latent_channels + 1) * p * p, d)
+        # With convolutional stages (dit.conv) those read the latents and make the tokens, and take the
+        # transformer's output back to the latent resolution, in place of the patch embedding and output layer.
+        self.stages = ConvStages(latent_channels, latent_channels, cfg.conv, p, d, cfg.conv_blocks) if cfg.conv else None
+        if self.stages is None:
+            self.patch_embed = nn.Linear((latent_channels + 1) * p * p, d)
         self.t_embed = TimestepEmbedder(d)
         self.text_pool = nn.Linear(text_pooled_dim, d)
         self.blocks = nn.ModuleList([DiTBlock(cfg, text_dim) for _ in range(cfg.depth)])
         self.ada = nn.ModuleList([nn.Sequential(nn.SiLU(), nn.Linear(d, 9 * d)) for _ in range(cfg.depth)])
-        self.final = FinalLayer(d, latent_channels * p * p)
+        self.final = FinalLayer(d, None if self.stages is not None else latent_channels * p * p)
         self.refine = RefineHead(latent_channels, cfg.refine, d, p) if cfg.refine else None
         self.initialize_weights()
 
@@ -512,10 +620,13 @@ class VideoDiT(nn.Module):
             nn.init.zeros_(block.cross_attn.proj.bias)
         nn.init.zeros_(self.final.ada[-1].weight)
         nn.init.zeros_(self.final.ada[-1].bias)
-        nn.init.zeros_(self.final.linear.weight)
-        nn.init.zeros_(self.final.linear.bias)
+        if self.final.linear is not None:
+            nn.init.zeros_(self.final.linear.weight)
+            nn.init.zeros_(self.final.linear.bias)
         if self.refine is not None:
             self.refine.reset_parameters()
+        if self.stages is not None:
+            self.stages.reset_parameters()
 
     # -- patches ------------------------------------------------------------------------------------------
     def patchify(self, frames: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
@@ -599,21 +710,33 @@ class VideoDiT(nn.Module):
         # Neighbouring windows of one frame size are patchified, and their outputs unpatchified, together: a few
         # kernels per run of equal sizes rather than per window (a training batch is sorted by size).
         runs = [list(run) for _, run in itertools.groupby(range(len(windows)), lambda i: windows[i].frames.shape[2:])]
-        frames = [joined([windows[i].frames for i in run]) for run in runs]
-        tokens = [self.patchify(f, joined([windows[i].observed for i in run])) for f, run in zip(frames, runs)]
-        x = self.patch_embed(joined(tokens).to(self.patch_embed.weight.dtype))
+        frames = [joined([windows[i].frames for i in run]).to(self.t_embed.mlp[0].weight.dtype) for run in runs]
+        flags = [joined([windows[i].observed for i in run]) for run in runs]
         c = self._conditioning(windows, text_pooled, layout.window_of_frame)  # (F_total, D)
+        # Each run's frames are a contiguous range of the frames' conditioning (windows keep their order).
+        conds = c.split([len(f) for f in frames])
+        if self.stages is None:
+            x = self.patch_embed(joined([self.patchify(f, o) for f, o in zip(frames, flags)]))
+            skips = [None] * len(runs)
+        else:
+            encoded = [self.stages.encode(f, o, cond) for f, o, cond in zip(frames, flags, conds)]
+            x = joined([tokens for tokens, _ in encoded])
+            skips = [run_skips for _, run_skips in encoded]
         text_kv = cache.text_kv if cache is not None else self.text_context(text_tokens)
         for i, block in enumerate(self.blocks):
             mod = gather_tokens(self.ada[i](c), layout.frame_of_token)  # (L, 9D)
             x = block(x, mod, layout, text_kv[i], text_mask,
                       cache=None if cache is None else cache.blocks[i], record=record)
         features = self.final.features(x, gather_tokens(c, layout.frame_of_token))
-        x = self.final.linear(features)
+        x = features if self.final.linear is None else self.final.linear(features)
         outs, start = [], 0
-        for run, run_frames, run_tokens in zip(runs, frames, tokens):
-            n, (f, _, h, w) = len(run_tokens), run_frames.shape
-            out = self.unpatchify(x[start:start + n], f, h, w)
+        for run, run_frames, run_skips, cond in zip(runs, frames, skips, conds):
+            f, _, h, w = run_frames.shape
+            n = f * (h // p) * (w // p)
+            if self.stages is not None:
+                out = self.stages.decode(x[start:start + n], run_skips, cond)
+            else:
+                out = self.unpatchify(x[start:start + n], f, h, w)
             if self.refine is not None:
                 noise = joined([windows[i].noise for i in run])
                 out = self.refine(out, run_frames, noise, features[start:start + n])

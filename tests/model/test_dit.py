@@ -1,6 +1,8 @@
 """Video DiT: adaLN-Zero init, NaViT packing, block-diagonal attention, observed/latent visibility, time."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,8 +214,6 @@ def test_mismatched_latent_shapes_are_rejected(dit):
 def test_refine_head_starts_as_the_identity_then_sees_across_patch_borders():
     """A warm-started DiT with a new refine head predicts what it did; once trained, the head mixes
     neighbouring pixels of the output, across the borders between the patches that tokens predict alone."""
-    import dataclasses
-
     base = make_dit(seed=3)
     torch.manual_seed(3)
     refined = VideoDiT(dataclasses.replace(CFG, refine=8), CHANNELS, TEXT_DIM, POOLED_DIM).eval()
@@ -263,3 +263,74 @@ def test_a_widened_dit_predicts_what_its_source_did_and_nothing_for_the_added_ch
     assert torch.count_nonzero(after[:, CHANNELS:]) == 0 and before.abs().amax() > 1e-2
     # A DiT that already has the channels is left as it is.
     assert VideoDiT.widened_state(state, CHANNELS + 4, CFG.patch) == state
+
+
+# --------------------------------------------------------------------------- convolutional stages (dit.conv)
+CONV_CFG = dataclasses.replace(CFG, conv=(8, 16))  # the latent resolution and half of it; tokens of 1x1 below
+
+
+def make_conv_dit(seed: int = 0, random: bool = True) -> VideoDiT:
+    torch.manual_seed(seed)
+    dit = VideoDiT(CONV_CFG, CHANNELS, TEXT_DIM, POOLED_DIM).eval()
+    return randomize_(dit, seed + 1, std=0.1) if random else dit
+
+
+def test_convolutional_stages_replace_the_patch_layers_and_start_at_zero():
+    fresh = make_conv_dit(random=False)
+    assert not hasattr(fresh, "patch_embed") and fresh.final.linear is None
+    outs = run(fresh, [window([0, 3, 7], [True, False, False]), window([2, 5], [False, False], rows=4, cols=12)])
+    assert [o.shape for o in outs] == [(3, CHANNELS, 8, 8), (2, CHANNELS, 4, 12)]
+    assert all(torch.count_nonzero(o) == 0 for o in outs)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_convolutional_stages_keep_packing_and_who_sees_whom(causal):
+    """Packed windows of every size give what each gives alone, observed frames ignore latent ones, and in
+    causal mode a latent frame ignores later frames: the stages convolve each frame on its own."""
+    conv = make_conv_dit(seed=4)
+    windows = [window(**w) for w in PACKED if w["rows"] % 2 == 0 and w["cols"] % 2 == 0]
+    tokens, mask, pooled = text(len(windows), seed=7)
+    with torch.no_grad():
+        packed = conv(windows, tokens, mask, pooled, causal=causal)
+        for i, (w, out) in enumerate(zip(windows, packed)):
+            alone = conv([w], tokens[i:i + 1], mask[i:i + 1], pooled[i:i + 1], causal=causal)[0]
+            torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-5)
+    assert max(o.abs().amax() for o in packed) > 1e-2
+
+    base = window([0, 3, 1, 2, 5], [True, True, False, False, False], seed=9)
+    later = FrameInputs(base.frames.clone(), base.observed, base.times, base.noise)
+    later.frames[4] = torch.randn(CHANNELS, 8, 8)  # latent frame at time 5, after every other
+    (a,), (b,) = run(conv, [base], causal=causal), run(conv, [later], causal=causal)
+    torch.testing.assert_close(a[:2], b[:2], rtol=0, atol=1e-6)  # observed frames
+    if causal:
+        torch.testing.assert_close(a[2:4], b[2:4], rtol=0, atol=1e-6)
+    else:
+        assert (a[2:4] - b[2:4]).abs().amax() > 1e-4
+
+
+def test_convolutional_stages_draw_below_the_token_grid():
+    """With the stages a latent pixel's own input reaches its output through the skip connections: moving one
+    pixel of a frame changes the prediction there well over twice as much as at the opposite corner of the same
+    token's 2x2 pixels. The plain DiT's token predicts its patch through one linear layer, so the change lands
+    on its four pixels without regard to which one moved."""
+    def change_at_moved_and_opposite(model: VideoDiT) -> tuple[float, float]:
+        base = window([0], [False], rows=8, cols=8, seed=11, noise=[0.5])
+        bumped = FrameInputs(base.frames.clone(), base.observed, base.times, base.noise)
+        bumped.frames[0, :, 2, 2] += 3.0  # the top-left pixel of the token over rows and columns 2-3
+        (a,), (b,) = run(model, [base]), run(model, [bumped])
+        change = (b - a).abs().sum(dim=1)[0]
+        return float(change[2, 2]), float(change[3, 3])
+
+    moved, opposite = change_at_moved_and_opposite(make_conv_dit(seed=5))
+    assert moved > 2 * opposite > 0
+    moved, opposite = change_at_moved_and_opposite(make_dit(seed=5))
+    assert moved < 2 * opposite
+
+
+def test_convolutional_stages_are_checked_against_the_patch():
+    with pytest.raises(ValueError, match=r"dit.conv: 3 stages halve the resolution 2 times.*dit.patch 2"):
+        dataclasses.replace(CFG, conv=(8, 16, 32))
+    with pytest.raises(ValueError, match=r"dit.refine: .*exclude each other"):
+        dataclasses.replace(CFG, conv=(8,), refine=8)
+    with pytest.raises(ValueError, match=r"dit.conv: \[12\]: every stage needs a multiple of 8"):
+        dataclasses.replace(CFG, conv=(12,))

@@ -305,6 +305,39 @@ def test_head_only_trains_the_refine_head_on_the_frozen_dit(tmp_path, capsys):
     assert meta["head_only"] and meta["init_from"] == str(run) and meta["step"] == 3
 
 
+def test_a_dit_with_convolutional_stages_warm_starts_trains_exports_and_samples(tmp_path, capsys):
+    """`dit.conv` in a run's model.json: the DiT's blocks come from a plain DiT, the stages start fresh, every
+    part of the new DiT moves in training, and the exported checkpoint samples the same with and without the
+    observed frames' cache."""
+    run = tmp_path / "run"
+    common = ["--preset", "tiny", "--run", str(run), "--seed", "0", "--save-every", "1"]
+    assert main(["vae", *common, "--steps", "1", "--batch", "1"]) == 0
+    assert main(["text", *common, "--steps", "1", "--batch", "4"]) == 0
+    assert main(["dit", *common, "--steps", "1", "--batch", "1"]) == 0
+
+    staged = run_with_dit(run, tmp_path / "staged", conv=[8, 16])
+    capsys.readouterr()
+    assert main(["dit", "--preset", "tiny", "--run", str(staged), "--init-from", str(run), "--steps", "3",
+                 "--batch", "2", "--lr", "1e-2", "--ema", "0", "--warmup", "1"]) == 0
+    assert re.search(r"warm start from .*: \d+ tensors copied, \d+ kept fresh \(.*stages\.", capsys.readouterr().out)
+    before = load_file(str(run / "dit" / "dit.safetensors"))
+    after = load_file(str(staged / "dit" / "dit.safetensors"))
+    assert "patch_embed.weight" in before and "patch_embed.weight" not in after
+    assert after["stages.out.weight"].abs().amax() > 0, "the output convolution left zero"
+    assert (after["blocks.0.spatial_attn.q.weight"] - before["blocks.0.spatial_attn.q.weight"]).abs().amax() > 0
+
+    out = tmp_path / "checkpoint"
+    assert main(["export", "--preset", "tiny", "--run", str(staged), "--out", str(out)]) == 0
+    generator = Generator.load(out)
+    assert generator.config.dit.conv == (8, 16)
+    window = Window(observed_times=(0,), latent_times=(1, 2), height=4, width=8)
+    observed = torch.randn(1, generator.latent_channels, 4, 8, generator=torch.Generator().manual_seed(1))
+    kw = dict(seed=3, steps=2, guidance=2.0)
+    cached = generator.sample(window, observed, "a red circle", use_cache=True, **kw)
+    uncached = generator.sample(window, observed, "a red circle", use_cache=False, **kw)
+    torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.timeout(300)
 def test_the_decoder_trains_on_the_runs_dit_estimates(tmp_path, monkeypatch):
     """`--decoder-only --generated 1` decodes what the run's DiT makes of each clip, prompted with its caption,
