@@ -12,6 +12,7 @@
 #   INIT=.carry/ck OBJECT_WEIGHT=1 MINUTES=20 bash ops/train/gpu-dit.sh   # go on from another exported checkpoint
 #   POOL_CLIPS=300 BATCH=512 CALL_SECONDS=560 bash ops/train/gpu-dit.sh   # a pool held on the GPU; fit a call
 #   DIT_CONFIG='{"patch": 2}' POOL_CLIPS=300 MINUTES=6 bash ops/train/gpu-dit.sh    # 2x2 patches, blocks warm
+#   DIT_CONFIG='{"conv": [32, 64, 128]}' SHAPE_STEPS=2000 TEXT_STEPS=8000 bash ops/train/gpu-dit.sh  # U-Net stages
 #   SHAPE_STEPS=2000 HEAD_STEPS=2000 TEXT_STEPS=8000 CALL_SECONDS=560 bash ops/train/gpu-dit.sh   # shape channels
 #
 # The learning rate anneals over the MINUTES where they end before STEPS (--anneal-in-time), so the run ends
