@@ -239,6 +239,19 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, index.reshape(-1)).unflatten(0, index.shape)
 
 
+def to_patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(F, C, h, w) -> (F * h/p * w/p, C * p * p): each p x p patch, channel-major, one row per token."""
+    f, c, h, w = x.shape
+    x = x.reshape(f, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(f * (h // p) * (w // p), c * p * p)
+
+
+def from_patches(x: torch.Tensor, f: int, c: int, h: int, w: int, p: int) -> torch.Tensor:
+    """The inverse of :func:`to_patches`: (F * h/p * w/p, C * p * p) -> (F, C, h, w)."""
+    x = x.reshape(f, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(f, c, h, w)
+
+
 # ----------------------------------------------------------------------------------------------- modules
 class TimestepEmbedder(nn.Module):
     """Noise level t in [0, 1] -> vector, through sinusoidal features and an MLP (as in DiT)."""
@@ -464,9 +477,7 @@ class RefineHead(nn.Module):
 
     def token_features(self, tokens: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
         """(f * h/p * w/p, D) token features -> (f, features, h, w) per latent pixel."""
-        p, k = self.patch, self.feature_channels
-        x = self.unpack(tokens).reshape(f, h // p, w // p, k, p, p).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(f, k, h, w)
+        return from_patches(self.unpack(tokens), f, self.feature_channels, h, w, self.patch)
 
     def forward(self, velocity: torch.Tensor, frames: torch.Tensor, noise: torch.Tensor,
                 tokens: torch.Tensor) -> torch.Tensor:
@@ -543,12 +554,6 @@ class ConvStages(nn.Module):
         nn.init.zeros_(self.out.weight)  # and the output at zero, like the plain DiT's output layer
         nn.init.zeros_(self.out.bias)
 
-    def patches(self, x: torch.Tensor) -> torch.Tensor:  # (F, C, h, w) -> (F * h/q * w/q, C * q * q)
-        f, c, h, w = x.shape
-        q = self.token_patch
-        x = x.reshape(f, c, h // q, q, w // q, q).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(f * (h // q) * (w // q), c * q * q)
-
     def encode(self, frames: torch.Tensor, observed: torch.Tensor,
                cond: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(F, C, h, w) latents, (F,) flags, (F, D) conditioning -> the tokens and the skip features."""
@@ -561,15 +566,12 @@ class ConvStages(nn.Module):
             skips.append(x)
             if i < len(self.downsample):
                 x = self.downsample[i](x)
-        return self.to_tokens(self.patches(x)), skips
+        return self.to_tokens(to_patches(x, self.token_patch)), skips
 
     def decode(self, tokens: torch.Tensor, skips: list[torch.Tensor], cond: torch.Tensor) -> torch.Tensor:
         """The transformer's output features per token -> the velocity (F, out_channels, h, w)."""
         low = skips[-1]
-        f, c, h, w = low.shape
-        q = self.token_patch
-        x = self.from_tokens(tokens).reshape(f, h // q, w // q, c, q, q).permute(0, 3, 1, 4, 2, 5)
-        x = x.reshape(f, c, h, w)
+        x = from_patches(self.from_tokens(tokens), *low.shape, self.token_patch)
         for i in reversed(range(len(self.widths))):
             x = self.join[i](torch.cat([x, skips[i]], dim=1))
             for block in self.up[i]:
@@ -631,12 +633,9 @@ class VideoDiT(nn.Module):
     # -- patches ------------------------------------------------------------------------------------------
     def patchify(self, frames: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
         """(F, C, h, w) -> (F * h/p * w/p, (C+1)*p*p) with the observed mask as an extra channel."""
-        f, c, h, w = frames.shape
-        p = self.cfg.patch
+        f, _, h, w = frames.shape
         mask = observed.to(frames.dtype)[:, None, None, None].expand(f, 1, h, w)
-        x = torch.cat([frames, mask], dim=1)
-        x = x.reshape(f, c + 1, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-        return x.reshape(f * (h // p) * (w // p), (c + 1) * p * p)
+        return to_patches(torch.cat([frames, mask], dim=1), self.cfg.patch)
 
     @staticmethod
     def widened_state(state: dict[str, torch.Tensor], latent_channels: int, patch: int) -> dict[str, torch.Tensor]:
@@ -660,9 +659,7 @@ class VideoDiT(nn.Module):
         return state
 
     def unpatchify(self, x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
-        p, c = self.cfg.patch, self.latent_channels
-        x = x.reshape(f, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(f, c, h, w)
+        return from_patches(x, f, self.latent_channels, h, w, self.cfg.patch)
 
     # -- forward ------------------------------------------------------------------------------------------
     def check_window(self, win: FrameInputs) -> None:
