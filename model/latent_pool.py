@@ -18,6 +18,13 @@ asking for more clips extends the pool.
         objects/clip-00000/  uint8 (latent frames, height, width): 1 on the latent pixels an object touches
                              (:func:`latent_object_mask`), for the DiT's object-weighted loss
 
+A pool of *stills* (``longshot train latents --stills``) holds one-frame clips instead: the first frame of each
+of many worlds, at the single images' frame sizes, encoded as the DiT trainer encodes its single images. A DiT
+trained on them (``longshot train dit --latents <run>/stills.zarr``) sees as many layouts per step as frames: a
+frame's layout (which shapes, which colours, how many) is what the prompt decides, and on the CPU such single
+frames are where a DiT has learnt to draw prompted shapes at all (ops/train/EXPERIMENTS.md, "Convolutional stages
+around the DiT"). The pool records which kind it is, and a build of the other kind on it is refused.
+
 Drawing a window's object masks costs about 1.7 ms of CPU, little beside a CPU training step but 0.4 s per
 step for a GPU batch of 256 windows, so they are kept beside the latents; a pool built before them gets them
 from the next ``longshot train latents`` on it, and until then the trainer draws them as it goes.
@@ -42,6 +49,7 @@ CHUNK_FRAMES = 16
 # Latent frames encoded in one call while building (bounds the memory of the rendered frames).
 ENCODE_BATCH = 32
 OBJECTS = "objects"  # the pool's subgroup of per-clip latent object masks
+STILLS_LOG_EVERY = 500  # a stills pool holds thousands of one-frame clips: a progress line per 500
 # Frame rates and lengths (seconds) of the DiT's training clips, pooled or drawn on the fly (repeats weigh).
 CLIP_FPS = (12, 24, 24, 30)
 CLIP_SECONDS = (60, 60, 30, 10)
@@ -140,12 +148,16 @@ class ClipSpec:
         return num_latents(self.seconds, self.fps)
 
 
-def clip_spec(index: int, seed: int, sizes: tuple[tuple[int, int], ...]) -> ClipSpec:
-    """Clip ``index`` of a pool built with ``seed``: frame sizes in turn, the rest seeded per clip."""
+def clip_spec(index: int, seed: int, sizes: tuple[tuple[int, int], ...], stills: bool = False) -> ClipSpec:
+    """Clip ``index`` of a pool built with ``seed``: frame sizes in turn, the rest seeded per clip. A still is
+    a world's frame 0 alone (no seconds: one latent frame), at 24 fps as the trainer's single images are."""
     rng = random.Random(f"{seed}:{index}")
     width, height = sizes[index % len(sizes)]
-    return ClipSpec(index=index, world_seed=rng.randrange(EVAL_SEED_BASE), fps=rng.choice(CLIP_FPS),
-                    seconds=rng.choice(CLIP_SECONDS), width=width, height=height)
+    world_seed = rng.randrange(EVAL_SEED_BASE)
+    if stills:
+        return ClipSpec(index=index, world_seed=world_seed, fps=24, seconds=0, width=width, height=height)
+    return ClipSpec(index=index, world_seed=world_seed, fps=rng.choice(CLIP_FPS), seconds=rng.choice(CLIP_SECONDS),
+                    width=width, height=height)
 
 
 def _clip_name(index: int) -> str:
@@ -193,6 +205,11 @@ class LatentPool:
         if not pool.clips:
             raise ValueError(f"latents: pool {path} has no complete clip yet")
         return pool
+
+    @property
+    def stills(self) -> bool:
+        """Whether the pool holds stills (one-frame clips of each world's first frame)."""
+        return bool(self.attrs.get("stills"))
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
@@ -275,12 +292,13 @@ class LatentPool:
         return self._objects[name]
 
 
-def clip_work(todo: list[int], seed: int, sizes: tuple[tuple[int, int], ...], spatial_factor: int):
+def clip_work(todo: list[int], seed: int, sizes: tuple[tuple[int, int], ...], spatial_factor: int,
+              stills: bool = False):
     """The CPU side of building a pool: for each clip of ``todo`` its pixel groups, ``ENCODE_BATCH`` latent
     frames at a time, as ``("pixels", index, first latent, uint8 groups)``, then ``("objects", index, None,
     uint8 mask)``. All of it is numpy drawing of the world, so it can run in data loader worker processes."""
     for index in todo:
-        clip = clip_spec(index, seed, sizes)
+        clip = clip_spec(index, seed, sizes, stills)
         spec = sample_world(clip.world_seed)
         for lo in range(0, clip.num_latents, ENCODE_BATCH):
             times = list(range(lo, min(clip.num_latents, lo + ENCODE_BATCH)))
@@ -292,18 +310,21 @@ def clip_work(todo: list[int], seed: int, sizes: tuple[tuple[int, int], ...], sp
 class ClipWorkStream(torch.utils.data.IterableDataset):
     """:func:`clip_work` split over data loader workers: worker k draws clips k, k + workers, ..."""
 
-    def __init__(self, todo: list[int], seed: int, sizes: tuple[tuple[int, int], ...], spatial_factor: int):
-        self.todo, self.seed, self.sizes, self.spatial_factor = todo, seed, sizes, spatial_factor
+    def __init__(self, todo: list[int], seed: int, sizes: tuple[tuple[int, int], ...], spatial_factor: int,
+                 stills: bool = False):
+        self.todo, self.seed, self.sizes, self.spatial_factor, self.stills = todo, seed, sizes, spatial_factor, stills
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
         mine = self.todo if worker is None else self.todo[worker.id::worker.num_workers]
-        return clip_work(mine, self.seed, self.sizes, self.spatial_factor)
+        return clip_work(mine, self.seed, self.sizes, self.spatial_factor, self.stills)
 
 
 def build_pool(vae: torch.nn.Module, path: str | Path, clips: int, *, sizes: tuple[tuple[int, int], ...],
-               seed: int = 0, rebuild: bool = False, workers: int = 0, log=print) -> LatentPool:
-    """Encode clips ``0 .. clips-1`` into the pool at ``path`` (creating, resuming or extending it).
+               seed: int = 0, stills: bool = False, rebuild: bool = False, workers: int = 0,
+               log=print) -> LatentPool:
+    """Encode clips ``0 .. clips-1`` into the pool at ``path`` (creating, resuming or extending it); with
+    ``stills``, one-frame clips of each world's first frame.
 
     ``workers`` data loader processes draw the worlds while this process encodes them on the VAE's device; on a
     GPU the drawing is all the work there is. The pool is the same whatever the number of workers.
@@ -317,17 +338,20 @@ def build_pool(vae: torch.nn.Module, path: str | Path, clips: int, *, sizes: tup
     digest = encoder_digest(vae)
     latent_channels = vae.cfg.latent_channels
     factor = vae.cfg.spatial_factor
-    attributes = {"format": POOL_FORMAT, "encoder": digest, "seed": seed, "latent_channels": latent_channels,
-                  "spatial_factor": factor}
+    attributes = {"format": POOL_FORMAT, "encoder": digest, "seed": seed, "stills": stills,
+                  "latent_channels": latent_channels, "spatial_factor": factor}
     if rebuild or not (path / "zarr.json").is_file():
         group = zarr.open_group(str(path), mode="w", attributes=attributes)
     else:
         group = zarr.open_group(str(path), mode="r+")
         have = group.attrs.asdict()
-        if have.get("encoder") != digest or have.get("format") != POOL_FORMAT or have.get("seed") != seed:
+        if (have.get("encoder") != digest or have.get("format") != POOL_FORMAT or have.get("seed") != seed
+                or bool(have.get("stills")) != stills):
+            kind = {True: "stills", False: "clips"}
             raise PoolMismatch(f"latents: pool {path} was built with encoder {have.get('encoder')}, seed "
-                               f"{have.get('seed')} (format {have.get('format')}); this run has encoder {digest}, "
-                               f"seed {seed}: pass --rebuild to replace it")
+                               f"{have.get('seed')}, of {kind[bool(have.get('stills'))]} (format "
+                               f"{have.get('format')}); this build has encoder {digest}, seed {seed}, of "
+                               f"{kind[stills]}: pass --rebuild to replace it")
     existing = {name: array.attrs.asdict().get("complete", False) for name, array in group.arrays()}
     todo = [i for i in range(clips) if not existing.get(_clip_name(i))]
     log(f"[latents] {path}: {clips - len(todo)} of {clips} clips already encoded, {len(todo)} to go")
@@ -340,7 +364,7 @@ def build_pool(vae: torch.nn.Module, path: str | Path, clips: int, *, sizes: tup
     # Clips encoded before the pool kept object masks get theirs now (no encoding needed).
     unmasked = [i for i in range(clips) if existing.get(_clip_name(i)) and _clip_name(i) not in have_masks]
     for done, index in enumerate(unmasked, 1):
-        clip = clip_spec(index, seed, sizes)
+        clip = clip_spec(index, seed, sizes, stills)
         write_mask(index, clip_object_mask(sample_world(clip.world_seed), clip.num_latents, clip.fps, clip.width,
                                            clip.height, factor))
         if done % 50 == 0 or done == len(unmasked):
@@ -348,8 +372,8 @@ def build_pool(vae: torch.nn.Module, path: str | Path, clips: int, *, sizes: tup
     if not todo:
         return LatentPool.open(path, vae)
 
-    work = (clip_work(todo, seed, sizes, factor) if not workers else
-            iter(torch.utils.data.DataLoader(ClipWorkStream(todo, seed, sizes, factor), batch_size=None,
+    work = (clip_work(todo, seed, sizes, factor, stills) if not workers else
+            iter(torch.utils.data.DataLoader(ClipWorkStream(todo, seed, sizes, factor, stills), batch_size=None,
                                              num_workers=min(workers, len(todo)), prefetch_factor=4)))
     arrays: dict[int, tuple[zarr.Array, ClipSpec]] = {}
     start, done = time.time(), 0
@@ -367,7 +391,7 @@ def build_pool(vae: torch.nn.Module, path: str | Path, clips: int, *, sizes: tup
     for kind, index, lo, data in work:
         lap("waiting for frames")
         if index not in arrays:
-            clip = clip_spec(index, seed, sizes)
+            clip = clip_spec(index, seed, sizes, stills)
             h, w = clip.height // factor, clip.width // factor
             arrays[index] = (group.create_array(
                 _clip_name(index), shape=(clip.num_latents, latent_channels, h, w), dtype="float16",
@@ -388,6 +412,9 @@ def build_pool(vae: torch.nn.Module, path: str | Path, clips: int, *, sizes: tup
         lap("writing")
         del arrays[index]
         done += 1
+        if done % (STILLS_LOG_EVERY if stills else 1) and done < len(todo):
+            mark = time.perf_counter()
+            continue
         rate = done / max(time.time() - start, 1e-9)
         log(f"[latents] clip {index} ({clip.width}x{clip.height}, {clip.seconds} s at {clip.fps} fps, "
             f"{clip.num_latents} latent frames) done; {done}/{len(todo)}, eta {(len(todo) - done) / rate / 60:.1f} min")

@@ -10,6 +10,8 @@ config.json) that :meth:`model.Generator.load` reads.
     longshot train dit  --preset demo --run runs/demo --steps 4000      # needs vae and text
     longshot train latents --run runs/demo --clips 400    # optional: encode clips once (model.latent_pool) ...
     longshot train dit  --run runs/demo --latents         # ... and train the DiT on them, twice as fast on a CPU
+    longshot train latents --run runs/demo --stills --clips 15360   # first frames of 15,360 worlds, and a DiT
+    longshot train dit  --run runs/demo --latents runs/demo/stills.zarr --batch 32   # trained on them as images
     longshot train export --run runs/demo --out model/checkpoints/demo
     longshot train unpack --run runs/more --init-from model/checkpoints/demo   # a run from a checkpoint, then
     longshot train dit --run runs/more --init-from model/checkpoints/demo --steps 20000 --latents   # train on
@@ -64,6 +66,7 @@ from model.world import (EVAL_SEED_BASE, SHAPES, caption, object_mask, render_fr
 
 PARTS = ("vae", "text", "dit")
 POOL_NAME = "latents.zarr"  # a run's latent pool for DiT training (``longshot train latents``)
+STILLS_NAME = "stills.zarr"  # a run's pool of stills (``longshot train latents --stills``)
 # Frame sizes (width, height) the demo model trains on; all multiples of 16, landscape, portrait and square.
 VIDEO_SIZES = ((128, 80), (80, 128), (96, 96), (128, 64))
 # Noise levels the DiT's estimates are made from when the decoder trains on them (`--generated`): a render's
@@ -980,7 +983,8 @@ class DiTTrainer(Trainer):
         self.pool = LatentPool.open(args.latents, model.vae) if args.latents else None
         self.loader = None  # the data loader's batch iterator, started at the first step (--loader-workers)
         if self.pool is not None:
-            print(f"[dit] windows from {len(self.pool)} pool clips at {args.latents} "
+            kind = "stills" if self.pool.stills else "clips"
+            print(f"[dit] windows from {len(self.pool)} pool {kind} at {args.latents} "
                   f"(frame sizes {', '.join(f'{w}x{h}' for w, h in self.pool.sizes)})", flush=True)
             if self.device.type == "cuda":  # a pool of a few thousand clips is a few GB: hold it where it is used
                 held = self.pool.preload(self.device)
@@ -1045,7 +1049,8 @@ class DiTTrainer(Trainer):
             return next(self.loader)
         video_size = self.rng.choice(self.pool.sizes)
         picks = []
-        images = self.args.images + (self.rng.random() < 0.5)  # the batch's first window is an image half the time
+        # The batch's first window is an image half the time, except from a pool of stills: every window is one.
+        images = self.args.images + (not self.pool.stills and self.rng.random() < 0.5)
         for _ in range(self.args.batch + self.args.images - images):
             attrs, clip = self.pool.draw(self.rng, video_size)
             observed, latent = sample_window(self.rng, len(clip), cfg.dit.max_window)
@@ -1260,6 +1265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=400, help="latents: clips in the pool (more extend it)")
     parser.add_argument("--rebuild", action="store_true",
                         help="latents: replace a pool built by another encoder or seed")
+    parser.add_argument("--stills", action="store_true",
+                        help=f"latents: a pool of stills, each clip one world's first frame at the single images' "
+                             f"sizes (default <run>/{STILLS_NAME}); `dit --latents` on it trains on single frames")
     parser.add_argument("--object-weight", type=float, default=OBJECT_WEIGHT, metavar="A",
                         help="dit: extra loss weight on latent pixels that objects cover; vae: on the pixels "
                              "objects cover and the 2 around them (1 + A there, 1 elsewhere; "
@@ -1305,8 +1313,11 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError("unpack: no --init-from given and this installation has no shipped checkpoint")
         unpack(source, run)
         return 0
+    if args.stills and args.part != "latents":
+        raise ValueError(f"--stills: builds a pool (`longshot train latents --stills`); train on it with "
+                         f"`longshot train {args.part} --latents {run / STILLS_NAME}`")
     if args.latents == "" or (args.part == "latents" and args.latents is None):
-        args.latents = str(run / POOL_NAME)
+        args.latents = str(run / (STILLS_NAME if args.stills else POOL_NAME))
     if args.shape_variants < 1:
         raise ValueError(f"--shape-variants: {args.shape_variants} must be at least 1 (1: no variants)")
     if args.images < 0:
@@ -1324,8 +1335,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "latents":
         model, _ = build_model(args.preset, run, ("vae",))
         model.to(device)
-        build_pool(model.vae, args.latents, args.clips, sizes=VIDEO_SIZES, seed=args.seed, rebuild=args.rebuild,
-                   workers=args.loader_workers)
+        build_pool(model.vae, args.latents, args.clips, sizes=IMAGE_SIZES if args.stills else VIDEO_SIZES,
+                   seed=args.seed, stills=args.stills, rebuild=args.rebuild, workers=args.loader_workers)
         return 0
     defaults = {"vae": (3000, 4, 1e-3, 0.0), "text": (1500, 64, 1e-3, 0.0), "dit": (4000, 8, 3e-4, 0.995)}
     steps, batch, lr, ema = defaults[args.part]

@@ -162,3 +162,47 @@ def test_the_dit_trains_on_pool_windows(tmp_path, capsys, monkeypatch):
     assert main(["vae", *common, "--steps", "2", "--batch", "1"]) == 0
     with pytest.raises(PoolMismatch):
         main(["dit", *common, "--steps", "3", "--batch", "2", "--latents"])
+
+
+@pytest.mark.timeout(300)
+def test_a_pool_of_stills_holds_each_worlds_first_frame_and_the_dit_trains_on_them_as_images(tmp_path, capsys,
+                                                                                             monkeypatch):
+    vae = tiny_vae(0)
+    path = tmp_path / "stills.zarr"
+    pool = build_pool(vae, path, 3, sizes=SIZES, seed=2, stills=True, log=lambda line: None)
+    assert pool.stills and len(pool) == 3
+    for index in range(3):
+        clip = clip_spec(index, 2, SIZES, stills=True)
+        assert clip.num_latents == 1 and clip.fps == 24
+        name, attrs = next((n, a) for n, a in pool.clips[(clip.width, clip.height)] if a["world_seed"] == clip.world_seed)
+        expected = encode_groups(vae, sample_world(clip.world_seed), [0], 24, clip.width, clip.height)
+        torch.testing.assert_close(torch.from_numpy(pool.latents(name)).float(), expected, rtol=1e-2, atol=1e-2)
+    # A pool is of one kind: building clips on a pool of stills (or the other way round) is refused.
+    with pytest.raises(PoolMismatch, match="of stills .* of clips: pass --rebuild"):
+        build_pool(vae, path, 3, sizes=SIZES, seed=2, log=lambda line: None)
+    assert not build_pool(vae, tmp_path / "clips.zarr", 1, sizes=SIZES, seed=2, log=lambda line: None).stills
+
+    run = tmp_path / "run"
+    common = ["--preset", "tiny", "--run", str(run), "--log-every", "1", "--warmup", "1"]
+    assert main(["vae", *common, "--steps", "1", "--batch", "1"]) == 0
+    assert main(["text", *common, "--steps", "1", "--batch", "2"]) == 0
+    assert main(["latents", *common, "--stills", "--clips", "4"]) == 0
+    assert LatentPool.open(run / "stills.zarr").stills
+    with pytest.raises(ValueError, match="--stills: builds a pool"):
+        main(["dit", *common, "--stills"])
+    # Every window of a step is one pooled still: no fresh world is drawn beside them, as it is beside clips.
+    from model.train import DiTTrainer
+    drawn = []
+    original = DiTTrainer.draw
+
+    def recording(self):
+        batch = original(self)
+        drawn.append(batch)
+        return batch
+    monkeypatch.setattr(DiTTrainer, "draw", recording)
+    capsys.readouterr()
+    assert main(["dit", *common, "--steps", "8", "--batch", "1", "--latents", str(run / "stills.zarr")]) == 0
+    assert "windows from 4 pool stills" in capsys.readouterr().out
+    assert len(drawn) == 8
+    assert all(len(w.times) == 1 and not w.observed and w.latents is not None for b in drawn for w in b.windows)
+    assert all(not b.pixels for b in drawn)
