@@ -14,6 +14,8 @@
 #   DIT_CONFIG='{"patch": 2}' POOL_CLIPS=300 MINUTES=6 bash ops/train/gpu-dit.sh    # 2x2 patches, blocks warm
 #   DIT_CONFIG='{"conv": [32, 64, 128]}' SHAPE_STEPS=2000 TEXT_STEPS=8000 bash ops/train/gpu-dit.sh  # U-Net stages
 #   SHAPE_STEPS=2000 HEAD_STEPS=2000 TEXT_STEPS=8000 CALL_SECONDS=560 bash ops/train/gpu-dit.sh   # shape channels
+#   DIT_CONFIG='{"conv": [32, 64, 128]}' STILLS=15360 STILLS_MINUTES=6 INIT=.carry/ck bash ops/train/gpu-dit.sh
+#       # first single frames from a pool of stills, then video windows (INIT: a checkpoint with shape channels)
 #
 # The learning rate anneals over the MINUTES where they end before STEPS (--anneal-in-time), so the run ends
 # annealed whatever the machine's speed.
@@ -70,6 +72,13 @@ dit_config=${DIT_CONFIG:-}
 # are), then the encoder's shape head HEAD_STEPS alone, and the DiT widens to them (new weights at zero). The
 # VAE and model.json then come back too; chain later calls through the exported checkpoint as INIT.
 shape_steps=${SHAPE_STEPS:-0}
+# Stills to pool before the video windows (0: none). The DiT first trains STILLS_MINUTES on single frames, one
+# world's first frame each (`longshot train latents --stills`), then on video windows from those weights: on the
+# CPU, single frames of many worlds are where a DiT with `conv` stages learnt to draw squares, triangles and
+# diamonds (ops/train/EXPERIMENTS.md, "The convolutional-stage DiT for 12,000 single-frame steps").
+stills=${STILLS:-0}
+stills_minutes=${STILLS_MINUTES:-5}
+stills_batch=${STILLS_BATCH:-256}
 head_steps=${HEAD_STEPS:-2000}
 shape_batch=${SHAPE_BATCH:-16}
 mkdir -p "$out"
@@ -128,11 +137,23 @@ if [ "$pool_clips" -gt 0 ]; then
 else
   windows=(--loader-workers "$loader_workers")
 fi
+dit_init=$init
+if [ "$stills" -gt 0 ]; then
+  python3 -m model.train latents --run "$run" --stills --clips "$stills" --loader-workers "$loader_workers" \
+    --device "$device" > "$out/stills.txt" 2>&1
+  tail -n 1 "$out/stills.txt"
+  python3 -m model.train dit --run "$run" --init-from "$init" --latents "$run/stills.zarr" --steps "$steps" \
+    --batch "$stills_batch" --lr "$lr" --minutes "$stills_minutes" --anneal-in-time --save-every "$save_every" \
+    --log-every 100 --device "$device" 2>&1 | tee "$out/train-stills.txt"
+  # The video windows warm-start from these weights with a fresh optimiser and schedule.
+  mkdir -p "$run/stills-stage" && rm -rf "$run/stills-stage/dit" && mv "$run/dit" "$run/stills-stage/dit"
+  dit_init=$run/stills-stage
+fi
 if [ "$call_seconds" -gt 0 ]; then
   minutes=$(python3 -c "print(round(max(0.5, ($call_seconds - ($(date +%s) - $started) - 60) / 60), 2))")
   echo "training for $minutes min of the call's $call_seconds s"
 fi
-python3 -m model.train dit --run "$run" --init-from "$init" --steps "$steps" --batch "$batch" \
+python3 -m model.train dit --run "$run" --init-from "$dit_init" --steps "$steps" --batch "$batch" \
   --images "$images" --object-weight "$object_weight" --lr "$lr" --minutes "$minutes" --anneal-in-time \
   "${windows[@]}" \
   --save-every "$save_every" --log-every 100 --device "$device" 2>&1 | tee "$out/train.txt"
