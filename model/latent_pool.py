@@ -22,8 +22,9 @@ A pool of *stills* (``longshot train latents --stills``) holds one-frame clips i
 of many worlds, at the single images' frame sizes, encoded as the DiT trainer encodes its single images. A DiT
 trained on them (``longshot train dit --latents <run>/stills.zarr``) sees as many layouts per step as frames: a
 frame's layout (which shapes, which colours, how many) is what the prompt decides, and on the CPU such single
-frames are where a DiT has learnt to draw prompted shapes at all (ops/train/EXPERIMENTS.md, "Convolutional stages
-around the DiT"). The pool records which kind it is, and a build of the other kind on it is refused.
+frames are where a DiT has learnt to draw prompted shapes at all (ops/train/EXPERIMENTS.md, "The
+convolutional-stage DiT for 12,000 single-frame steps"). The pool records which kind it is, and a build of the
+other kind on it is refused.
 
 Drawing a window's object masks costs about 1.7 ms of CPU, little beside a CPU training step but 0.4 s per
 step for a GPU batch of 256 windows, so they are kept beside the latents; a pool built before them gets them
