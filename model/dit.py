@@ -246,6 +246,12 @@ def to_patches(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(f * (h // p) * (w // p), c * p * p)
 
 
+def frame_channel(values: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """One value per frame (F,) as a constant channel (F, 1, h, w) beside ``frames`` (F, C, h, w), in their dtype."""
+    f, _, h, w = frames.shape
+    return values.to(frames.dtype)[:, None, None, None].expand(f, 1, h, w)
+
+
 def from_patches(x: torch.Tensor, f: int, c: int, h: int, w: int, p: int) -> torch.Tensor:
     """The inverse of :func:`to_patches`: (F * h/p * w/p, C * p * p) -> (F, C, h, w)."""
     x = x.reshape(f, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
@@ -482,8 +488,8 @@ class RefineHead(nn.Module):
     def forward(self, velocity: torch.Tensor, frames: torch.Tensor, noise: torch.Tensor,
                 tokens: torch.Tensor) -> torch.Tensor:
         f, _, h, w = velocity.shape
-        level = noise.to(velocity.dtype)[:, None, None, None].expand(f, 1, h, w)
-        x = torch.cat([velocity, frames.to(velocity.dtype), level, self.token_features(tokens, f, h, w)], dim=1)
+        x = torch.cat([velocity, frames.to(velocity.dtype), frame_channel(noise, velocity),
+                       self.token_features(tokens, f, h, w)], dim=1)
         return velocity + self.conv3(F.silu(self.conv2(F.silu(self.conv1(x)))))
 
 
@@ -557,8 +563,7 @@ class ConvStages(nn.Module):
     def encode(self, frames: torch.Tensor, observed: torch.Tensor,
                cond: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(F, C, h, w) latents, (F,) flags, (F, D) conditioning -> the tokens and the skip features."""
-        mask = observed.to(frames.dtype)[:, None, None, None].expand(frames.shape[0], 1, *frames.shape[2:])
-        x = self.stem(torch.cat([frames, mask], dim=1))
+        x = self.stem(torch.cat([frames, frame_channel(observed, frames)], dim=1))
         skips = []
         for i, blocks in enumerate(self.down):
             for block in blocks:
@@ -633,9 +638,7 @@ class VideoDiT(nn.Module):
     # -- patches ------------------------------------------------------------------------------------------
     def patchify(self, frames: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
         """(F, C, h, w) -> (F * h/p * w/p, (C+1)*p*p) with the observed mask as an extra channel."""
-        f, _, h, w = frames.shape
-        mask = observed.to(frames.dtype)[:, None, None, None].expand(f, 1, h, w)
-        return to_patches(torch.cat([frames, mask], dim=1), self.cfg.patch)
+        return to_patches(torch.cat([frames, frame_channel(observed, frames)], dim=1), self.cfg.patch)
 
     @staticmethod
     def widened_state(state: dict[str, torch.Tensor], latent_channels: int, patch: int) -> dict[str, torch.Tensor]:
