@@ -312,7 +312,7 @@ class Generator:
         Deterministic for (seed, window, observed, prompt, settings) on one device: the initial noise is
         drawn on the CPU from ``torch.Generator().manual_seed(seed)``; with the model's
         ``flow.noise_correlation``, mixed with a field common to the video, drawn from ``video_seed`` (every
-        window of one video passes the same; by default ``seed``).
+        window of one video passes the same; by default the field is the window's own, drawn from ``seed``).
 
         ``guidance_floor`` limits guidance to an interval of noise levels (Kynkäänniemi et al. 2024, "Applying
         guidance in a limited interval improves sample and distribution quality"): steps that start below it
@@ -333,9 +333,12 @@ class Generator:
         lat_order = sorted(range(len(window.latent_times)), key=lambda i: window.latent_times[i])
         lat_times = torch.tensor([window.latent_times[i] for i in lat_order], dtype=torch.long)
         n_lat = len(lat_times)
-        noise = video_noise(n_lat, (c, h, w), self.config.flow.noise_correlation,
-                            own=torch.Generator().manual_seed(int(seed)),
-                            shared=torch.Generator().manual_seed(int(seed if video_seed is None else video_seed)))
+        own = torch.Generator().manual_seed(int(seed))
+        # Without a video seed the common field comes from the window's own stream, after its own noise: a
+        # second generator seeded alike would draw the very same numbers, and the noise would be 1.34 times
+        # too large (sqrt(0.8) + sqrt(0.2) of one draw).
+        shared = own if video_seed is None else torch.Generator().manual_seed(int(video_seed))
+        noise = video_noise(n_lat, (c, h, w), self.config.flow.noise_correlation, own=own, shared=shared)
         if start is not None:
             if not 0.0 < start_level <= 1.0:
                 raise ValueError(f"start_level: {start_level!r} must be in (0, 1]")

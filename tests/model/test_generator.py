@@ -1,6 +1,7 @@
 """Generator facade: checkpoints, identity, presets and parameter counts, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -178,6 +179,31 @@ def test_sampling_from_a_start_keeps_it_at_a_low_level_and_checks_it(tiny_gen):
         tiny_gen.sample(window, observed, "x", start=start[:2], start_level=0.5, **kw)
     with pytest.raises(ValueError, match="start_level: 0 must be in"):
         tiny_gen.sample(window, observed, "x", start=start, start_level=0, **kw)
+
+
+@pytest.mark.parametrize("video_seed", [None, 11])
+def test_a_windows_starting_noise_has_unit_variance_and_a_common_field(tiny_gen, video_seed, monkeypatch):
+    """The noise a window starts from, read by a sampler that takes no step: unit variance per element (as in
+    training) and the flow's share of it common to every frame, with or without a video seed."""
+    import model.generator as generator_module
+
+    monkeypatch.setattr(generator_module, "get_sampler", lambda name: lambda fn, x, times, callback=None: x)
+    config = dataclasses.replace(tiny_gen.config, flow=dataclasses.replace(tiny_gen.config.flow,
+                                                                           noise_correlation=0.8))
+    monkeypatch.setattr(tiny_gen, "config", config)
+    window = Window(observed_times=(), latent_times=tuple(range(8)), height=32, width=32)
+    noise = tiny_gen.sample(window, None, "x", seed=5, steps=1, guidance=1.0, video_seed=video_seed)
+    per_frame = noise.flatten(1).std(dim=1)
+    assert (per_frame - 1.0).abs().max() < 0.05, f"every frame as large as the training noise: {per_frame}"
+    frames = noise.flatten(1)
+    shared = float(torch.corrcoef(frames).triu(1).sum() / (8 * 7 / 2))
+    assert abs(shared - 0.8) < 0.08, "the frames share the common field"
+    assert torch.equal(noise, tiny_gen.sample(window, None, "x", seed=5, steps=1, guidance=1.0,
+                                              video_seed=video_seed))
+    other = tiny_gen.sample(window, None, "x", seed=6, steps=1, guidance=1.0, video_seed=video_seed)
+    across = float(torch.corrcoef(torch.stack([noise.flatten(), other.flatten()]))[0, 1])
+    # Two windows of one video (one video seed) share the field; two unrelated windows do not.
+    assert abs(across - (0.8 if video_seed is not None else 0.0)) < 0.05
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
