@@ -801,6 +801,7 @@ def window_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, widt
     adherence, background, seams, motion = [], [], [], []
     by_shape: dict[str, list[float]] = {shape: [] for shape in world.SHAPES}
     by_motion: dict[str, list[float]] = {m: [] for m in world.MOTIONS}
+    masses: list[float] = []
     boundaries = [first_frame_of_latent(i) for i in range(1, latent_frames)]
     for k, (_, prompt) in enumerate(prompts):
         latents = generator.sample(window, None, prompt, seed=seed + k, steps=steps, guidance=guidance,
@@ -816,13 +817,54 @@ def window_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, widt
         for obj in result["objects"]:
             if obj["motion_judged"]["correct"] is not None:
                 by_motion[obj["motion"]].append(float(obj["motion_judged"]["correct"]))
+        mass = shape_channel_mass(generator, latents, prompt)
+        if mass is not None:
+            masses.append(mass)
     # By prompted shape: a model that ignores the shape word draws every object as the same blob, which the
     # detector reads as a circle, so the mean alone hides whether shapes are drawn at all.
-    return {"adherence": _rounded(_mean(adherence)), "background_correct": _rounded(_mean(background)),
-            "seam_ratio": _rounded(_mean(seams)), "prompts": len(prompts), "latent_frames": latent_frames,
-            "by_shape": _shares(by_shape),
-            "motion_adherence": _rounded(_mean(motion)),
-            "by_motion": _shares(by_motion)}
+    report = {"adherence": _rounded(_mean(adherence)), "background_correct": _rounded(_mean(background)),
+              "seam_ratio": _rounded(_mean(seams)), "prompts": len(prompts), "latent_frames": latent_frames,
+              "by_shape": _shares(by_shape),
+              "motion_adherence": _rounded(_mean(motion)),
+              "by_motion": _shares(by_motion)}
+    if masses:
+        report["shape_channel_mass"] = _rounded(_mean(masses))
+    return report
+
+
+def shape_channel_mass(generator: Any, latents: Any, prompt: str) -> float | None:
+    """For a model whose latents carry shape channels (``vae.shape_channels``): the share of the generated
+    shape channels' positive mass that lies in the shapes the prompt names (1: only prompted shapes; with four
+    shapes and one named, about 0.25 for channels that ignore the prompt). ``None`` for a model without them.
+
+    It reads what the DiT put where the decoder takes the shape from, so a model that names the right shape in
+    its channels and still decodes a blob shows here and not in adherence."""
+    cfg = getattr(getattr(generator, "config", None), "vae", None)
+    if cfg is None or not cfg.shape_channels:
+        return None
+    named = {obj["shape"] for obj in world.parse_caption(prompt)["objects"]}
+    # (T, C, h, w) latents: each shape channel's positive mass over every frame and latent pixel
+    mass = latents[:, cfg.appearance_channels:].float().clamp(min=0).sum(dim=(0, 2, 3))
+    total = float(mass.sum())
+    if total <= 0 or not named:
+        return None
+    return sum(float(mass[world.SHAPES.index(shape)]) for shape in named) / total
+
+
+def image_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, width: int, height: int, fps: float,
+                    steps: int, guidance: float, guidance_rescale: float = 0.0, seed: int = 0) -> dict:
+    """Adherence of one generated still per prompt: a window of a single latent frame (the video's first frame,
+    encoded alone) sampled with nothing observed, decoded, and its one frame scored.
+
+    The cheapest reading of whether the DiT draws what a prompt names: the layout (which shapes, colours and
+    how many) without motion. A DiT trained on a pool of stills first (``longshot train latents --stills``) is
+    judged here before it has seen a video window; the windows and continuations then say what video adds.
+    """
+    found = window_adherence(generator, prompts, width=width, height=height, fps=fps, steps=steps,
+                             guidance=guidance, guidance_rescale=guidance_rescale, latent_frames=1, seed=seed)
+    # One frame has no latent-frame boundaries and no motion to judge.
+    return {key: value for key, value in found.items()
+            if key not in ("seam_ratio", "latent_frames", "motion_adherence", "by_motion")}
 
 
 def continuation_adherence(generator: Any, prompts: Sequence[tuple[int, str]], *, width: int, height: int,
@@ -889,7 +931,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "persistence, seams, colour drift and VAE reconstruction against the demo model's targets.")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     parser.add_argument("--seconds", type=float, default=60.0, help="length of every rendered video (default 60)")
-    parser.add_argument("--prompts", type=int, default=4, help="number of evaluation prompts (default 4)")
+    parser.add_argument("--prompts", type=int, default=4,
+                        help="number of evaluation prompts rendered with each schedule (default 4; 0 renders "
+                             "nothing and measures the model alone: VAE, windows, stills)")
     parser.add_argument("--schedules", default=",".join(DEFAULT_SCHEDULES),
                         help=f"comma-separated schedules to compare (default {','.join(DEFAULT_SCHEDULES)}; "
                              f"choices {','.join(SCHEDULES)})")
@@ -923,19 +967,27 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "sensitivity to the prompt's shape and colour words (0 skips both)")
     parser.add_argument("--window-prompts", type=int, default=16,
                         help="prompts scored on one generated window each, no render (0 skips; default 16)")
+    parser.add_argument("--image-prompts", type=int, default=64,
+                        help="prompts scored on one generated still each (a one-latent-frame window), no render "
+                             "(0 skips; default 64)")
     parser.add_argument("--out", default=None, help="keep videos and stores in this directory (default: temporary)")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= 3600:
         parser.error(f"--seconds={args.seconds:g}: must be in 1..3600")
-    if not 1 <= args.prompts <= 1000:
-        parser.error(f"--prompts={args.prompts}: must be in 1..1000")
+    if not 0 <= args.prompts <= 1000:
+        parser.error(f"--prompts={args.prompts}: must be in 0..1000")
     if not 0 <= args.vae_clips <= 1000:
         parser.error(f"--vae-clips={args.vae_clips}: must be in 0..1000")
     if not 0 <= args.denoise_frames <= 64:
         parser.error(f"--denoise-frames={args.denoise_frames}: must be in 0..64")
     if not 0 <= args.window_prompts <= 1000:
         parser.error(f"--window-prompts={args.window_prompts}: must be in 0..1000")
+    if not 0 <= args.image_prompts <= 1000:
+        parser.error(f"--image-prompts={args.image_prompts}: must be in 0..1000")
+    if not (args.prompts or args.vae_clips or args.denoise_frames or args.window_prompts or args.image_prompts):
+        parser.error("--prompts=0: with nothing rendered, at least one of --vae-clips, --denoise-frames, "
+                     "--window-prompts or --image-prompts must be above 0")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers={args.workers}: must be at least 1")
     args.schedules = list(dict.fromkeys(s.strip() for s in args.schedules.split(",") if s.strip()))
@@ -1035,18 +1087,8 @@ def _print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    columns = list(report["schedules"]) + ([WORLD_COLUMN] if report.get("world") else [])
-    summaries = {s: v["summary"] for s, v in report["schedules"].items()}
-    if report.get("world"):
-        summaries[WORLD_COLUMN] = report["world"]["summary"]
+    console = Console()
     verdict = {(c["target"], c["schedule"]): c["passed"] for c in report["checks"]}
-    settings = report["settings"]
-    table = Table(title=f"longshot eval: {settings['prompts']} prompts x {settings['seconds']:g} s, "
-                        f"{settings['width']}x{settings['height']} @ {settings['fps']} fps")
-    table.add_column("metric")
-    for column in columns:
-        table.add_column(column + (" (reference)" if column == WORLD_COLUMN else ""), justify="right")
-    table.add_column("target", justify="right")
 
     def cell(value: Any, passed: bool | None) -> str:
         text = "-" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
@@ -1054,29 +1096,42 @@ def _print_table(report: dict) -> None:
             return text
         return f"{text} [green]pass[/]" if passed else f"{text} [red]FAIL[/]"
 
-    def row(label: str, key: str, mark: str | None = None) -> None:
-        values = [summaries[c]["persistence"].get(mark) if mark else summaries[c].get(key) for c in columns]
-        table.add_row(label, *[cell(v, None if mark else verdict.get((key, c))) for v, c in zip(values, columns)],
-                      "" if mark else _target_text(key))
+    # Nothing rendered (--prompts 0): no schedule table, the model-only lines alone.
+    if report["schedules"]:
+        columns = list(report["schedules"]) + ([WORLD_COLUMN] if report.get("world") else [])
+        summaries = {s: v["summary"] for s, v in report["schedules"].items()}
+        if report.get("world"):
+            summaries[WORLD_COLUMN] = report["world"]["summary"]
+        settings = report["settings"]
+        table = Table(title=f"longshot eval: {settings['prompts']} prompts x {settings['seconds']:g} s, "
+                            f"{settings['width']}x{settings['height']} @ {settings['fps']} fps")
+        table.add_column("metric")
+        for column in columns:
+            table.add_column(column + (" (reference)" if column == WORLD_COLUMN else ""), justify="right")
+        table.add_column("target", justify="right")
 
-    row("prompt adherence", "adherence")
-    for mark in summaries[columns[0]]["persistence"]:
-        row(f"persistence @ {mark} s", "persistence", mark)
-    row("persistence (end)", "persistence_final")
-    row("motion adherence (first 6 s)", "motion_adherence")
-    row("seam ratio", "seam_ratio")
-    row("  at task boundaries", "seam_ratio_task")
-    row("  at segment boundaries", "seam_ratio_segment")
-    row("  at refinement boundaries", "seam_ratio_refine")
-    row("colour drift (delta E)", "drift_delta_e")
-    row("background correct", "background_correct")
-    if any(c["target"] == "persistence_vs_autoregressive" for c in report["checks"]):
-        table.add_row("persistence >= autoregressive",
-                      *[cell("", verdict.get(("persistence_vs_autoregressive", c))) if
-                        ("persistence_vs_autoregressive", c) in verdict else "" for c in columns],
-                      "hierarchical")
-    console = Console()
-    console.print(table)
+        def row(label: str, key: str, mark: str | None = None) -> None:
+            values = [summaries[c]["persistence"].get(mark) if mark else summaries[c].get(key) for c in columns]
+            table.add_row(label, *[cell(v, None if mark else verdict.get((key, c))) for v, c in zip(values, columns)],
+                          "" if mark else _target_text(key))
+
+        row("prompt adherence", "adherence")
+        for mark in summaries[columns[0]]["persistence"]:
+            row(f"persistence @ {mark} s", "persistence", mark)
+        row("persistence (end)", "persistence_final")
+        row("motion adherence (first 6 s)", "motion_adherence")
+        row("seam ratio", "seam_ratio")
+        row("  at task boundaries", "seam_ratio_task")
+        row("  at segment boundaries", "seam_ratio_segment")
+        row("  at refinement boundaries", "seam_ratio_refine")
+        row("colour drift (delta E)", "drift_delta_e")
+        row("background correct", "background_correct")
+        if any(c["target"] == "persistence_vs_autoregressive" for c in report["checks"]):
+            table.add_row("persistence >= autoregressive",
+                          *[cell("", verdict.get(("persistence_vs_autoregressive", c))) if
+                            ("persistence_vs_autoregressive", c) in verdict else "" for c in columns],
+                          "hierarchical")
+        console.print(table)
     if report.get("vae") is not None:
         vae = report["vae"]
         console.print(f"VAE reconstruction PSNR on {vae['clips']} held-out world clips of {vae['num_frames']} frames: "
@@ -1120,28 +1175,40 @@ def _print_table(report: dict) -> None:
                       f"prompts, scored from frame {cont['scored_from_frame']}: adherence {cont['adherence']} "
                       f"({shares(cont)}); the VAE's reconstruction of the same frames {cont['ceiling']['adherence']} "
                       f"({shares(cont['ceiling'])})")
+    if report.get("image"):
+        image = report["image"]
+        mass = (f", shape channels' mass in the prompted shapes {image['shape_channel_mass']}"
+                if image.get("shape_channel_mass") is not None else "")
+        console.print(f"One generated still per prompt, {image['prompts']} prompts: adherence {image['adherence']} "
+                      f"(" + ", ".join(f"{shape} {share}" for shape, share in image["by_shape"].items())
+                      + f"), background correct {image['background_correct']}{mass}")
     failed = [c for c in report["checks"] if c["passed"] is False]
-    console.print(f"{len(report['checks']) - len(failed)} of {len(report['checks'])} target checks pass.")
+    if report["checks"]:
+        console.print(f"{len(report['checks']) - len(failed)} of {len(report['checks'])} target checks pass.")
+    else:
+        console.print("No target checks: the targets are on renders and the VAE's PSNR, and neither was measured.")
 
 
 def run_evaluation(args: argparse.Namespace) -> dict:
-    """Render every prompt with every schedule, measure, and assemble the report."""
+    """Render every prompt with every schedule, measure, and assemble the report. With ``--prompts 0`` nothing
+    is rendered: the report holds the model-only measurements (VAE, windows, continuations, stills)."""
     from cluster.backends import start
     from orchestrator.media import read_frames
 
     prompts = eval_prompts(args.prompts)
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="longshot-eval-"))
     work.mkdir(parents=True, exist_ok=True)
-    first_job = _job_spec(args, prompts[0][1], args.schedules[0], work / "settings.mp4")
+    # The job spec's defaults decide the frame size, rate and sampling settings, rendered or not.
+    first_job = _job_spec(args, (prompts or eval_prompts(1))[0][1], args.schedules[0], work / "settings.mp4")
     width, height, fps, seconds = first_job.width, first_job.height, first_job.fps, first_job.seconds
     num_frames = first_job.num_frames
 
     schedules: dict[str, dict] = {}
     # One cluster for every render: workers load the model once instead of once per video.
-    session = None if args.scheduler else start(backend="local", workers=args.workers)
+    session = None if args.scheduler or not prompts else start(backend="local", workers=args.workers)
     try:
-        scheduler = args.scheduler or session.scheduler_address
-        for schedule in args.schedules:
+        scheduler = args.scheduler or (session.scheduler_address if session is not None else None)
+        for schedule in args.schedules if prompts else ():
             per_prompt = []
             for seed, prompt in prompts:
                 job = _job_spec(args, prompt, schedule, work / f"{schedule}-{seed}.mp4")
@@ -1156,28 +1223,36 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         if session is not None:
             session.close()
 
-    reference = []
-    for k, (seed, prompt) in enumerate(prompts):
-        frames = world.render_frames(world.sample_world(seed), range(num_frames), fps=fps, width=width,
-                                     height=height)
-        # The same boundaries as the first schedule's render: the seam ratio a seamless video shows there.
-        boundaries = schedules[args.schedules[0]]["per_prompt"][k]["boundaries"]
-        reference.append(evaluate_video(frames, prompt, fps, boundaries) | {"world_seed": seed})
-    world_column = {"summary": summarise(reference), "per_prompt": reference}
+    world_column = None
+    if prompts:
+        reference = []
+        for k, (seed, prompt) in enumerate(prompts):
+            frames = world.render_frames(world.sample_world(seed), range(num_frames), fps=fps, width=width,
+                                         height=height)
+            # The same boundaries as the first schedule's render: the seam ratio a seamless video shows there.
+            boundaries = schedules[args.schedules[0]]["per_prompt"][k]["boundaries"]
+            reference.append(evaluate_video(frames, prompt, fps, boundaries) | {"world_seed": seed})
+        world_column = {"summary": summarise(reference), "per_prompt": reference}
 
-    vae = denoising = sensitivity = windows = continuation = None
-    generator = (load_generator(args.model) if args.vae_clips or args.denoise_frames or args.window_prompts
-                 else None)
+    vae = denoising = sensitivity = windows = continuation = images = None
+    generator = (load_generator(args.model)
+                 if args.vae_clips or args.denoise_frames or args.window_prompts or args.image_prompts else None)
+    # The measurements of the rendered prompts' own worlds (the VAE's ceiling, the denoising error) need
+    # rendered prompts; the prompt sensitivity takes the window prompts where there are any.
     if args.vae_clips:
         vae = vae_psnr(generator, clips=args.vae_clips, width=width, height=height, fps=fps)
-        vae["reconstruction"] = reconstruction_ceiling(generator, prompts, width=width, height=height, fps=fps)
+        if prompts:
+            vae["reconstruction"] = reconstruction_ceiling(generator, prompts, width=width, height=height, fps=fps)
     if args.denoise_frames:
-        denoising = denoising_error(generator, prompts, width=width, height=height, fps=fps,
-                                    latent_frames=min(args.denoise_frames, generator.max_window), seed=args.seed)
+        latent_frames = min(args.denoise_frames, generator.max_window)
+        if prompts:
+            denoising = denoising_error(generator, prompts, width=width, height=height, fps=fps,
+                                        latent_frames=latent_frames, seed=args.seed)
         # One DiT call per word and level: cheap enough for the window check's larger prompt set.
-        sensitivity = prompt_sensitivity(generator, eval_prompts(args.window_prompts) if args.window_prompts
-                                         else prompts, width=width, height=height, fps=fps,
-                                         latent_frames=min(args.denoise_frames, generator.max_window), seed=args.seed)
+        heard = eval_prompts(args.window_prompts) if args.window_prompts else prompts
+        if heard:
+            sensitivity = prompt_sensitivity(generator, heard, width=width, height=height, fps=fps,
+                                             latent_frames=latent_frames, seed=args.seed)
     if args.window_prompts:
         windows = window_adherence(generator, eval_prompts(args.window_prompts), width=width, height=height,
                                    fps=fps, steps=first_job.steps, guidance=first_job.guidance,
@@ -1188,6 +1263,10 @@ def run_evaluation(args: argparse.Namespace) -> dict:
                                               guidance=first_job.guidance,
                                               guidance_rescale=first_job.guidance_rescale,
                                               latent_frames=min(8, generator.max_window), seed=args.seed)
+    if args.image_prompts:
+        images = image_adherence(generator, eval_prompts(args.image_prompts), width=width, height=height, fps=fps,
+                                 steps=first_job.steps, guidance=first_job.guidance,
+                                 guidance_rescale=first_job.guidance_rescale, seed=args.seed)
     checks = check_targets({s: v["summary"] for s, v in schedules.items()}, vae)
     return {
         "settings": {"prompts": args.prompts, "seconds": seconds, "schedules": args.schedules,
@@ -1200,6 +1279,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
                      "refine_steps": first_job.steps_for_refine,
                      "workers": args.workers,
                      "engine": args.engine, "seed": args.seed,
+                     "window_prompts": args.window_prompts, "image_prompts": args.image_prompts,
                      "work_dir": str(work)},
         "prompts": [{"world_seed": s, "prompt": p} for s, p in prompts],
         "targets": {k: {"op": op, "value": v} for k, (op, v) in TARGETS.items()},
@@ -1210,6 +1290,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         "prompt_sensitivity": sensitivity,
         "window": windows,
         "continuation": continuation,
+        "image": images,
         "checks": checks,
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -450,6 +451,47 @@ def test_window_adherence_finds_the_prompt_in_a_faithful_window_and_nothing_in_a
     assert jumpy["adherence"] == 1.0 and jumpy["seam_ratio"] > 3 * seams
 
 
+def test_image_adherence_scores_one_still_per_prompt():
+    prompts = ev.eval_prompts(3)
+    size = dict(width=64, height=64, fps=8, steps=1, guidance=1.0)
+    painter = _WorldPainter(prompts)
+    faithful = ev.image_adherence(painter, prompts, seed=2, **size)
+    prompted = {o["shape"] for _, p in prompts for o in world.parse_caption(p)["objects"]}
+    assert faithful == {"adherence": 1.0, "background_correct": 1.0, "prompts": 3,
+                        "by_shape": {shape: 1.0 for shape in world.SHAPES if shape in prompted}}
+    assert painter.seeds == [2, 3, 4]
+    flat = ev.image_adherence(_WorldPainter(prompts, flat=True), prompts, **size)
+    assert flat["adherence"] == 0.0 and set(flat["by_shape"].values()) == {0.0}
+    rounding = ev.image_adherence(_WorldPainter(prompts, circles=True), prompts, **size)
+    assert all(rounding["by_shape"][shape] == 0.0 for shape in prompted - {"circle"})
+
+
+def test_shape_channel_mass_reads_the_prompted_shapes_channels():
+    import torch
+
+    from model.config import VAEConfig
+
+    class Channels:  # what shape_channel_mass reads of a generator: its config
+        def __init__(self, shape_channels):
+            self.config = types.SimpleNamespace(vae=VAEConfig(latent_channels=4 + shape_channels,
+                                                              shape_channels=shape_channels))
+
+    prompt = "a red square and a blue triangle bouncing on a grey background"
+    latents = torch.randn(3, 8, 5, 6)  # (T, C, h, w): appearance noise that must not count
+    shapes = latents[:, 4:]
+    shapes.zero_()
+    shapes[:, world.SHAPES.index("square"), 1:3, 1:3] = 2.0
+    shapes[:, world.SHAPES.index("triangle"), 3:, 3:] = 1.0
+    assert ev.shape_channel_mass(Channels(4), latents, prompt) == 1.0
+    shapes[:, world.SHAPES.index("circle")] = -1.0  # negative values are no mass
+    assert ev.shape_channel_mass(Channels(4), latents, prompt) == 1.0
+    # As much mass in an unprompted shape as in both prompted ones (2 x 4 + 1 x 6 = 14 latent-pixel units)
+    shapes[:, world.SHAPES.index("diamond"), 0, :] = 14 / 6
+    assert ev.shape_channel_mass(Channels(4), latents, prompt) == pytest.approx(0.5)
+    assert ev.shape_channel_mass(Channels(0), latents[:, :4], prompt) is None, "no shape channels, no reading"
+    assert ev.shape_channel_mass(Channels(4), torch.zeros(3, 8, 5, 6), prompt) is None, "no mass to share"
+
+
 def test_continuation_adherence_tells_a_dit_that_cannot_carry_shapes_from_one_that_can():
     prompts = ev.eval_prompts(3)
     size = dict(width=64, height=64, fps=8, steps=1, guidance=1.0, latent_frames=4)
@@ -490,7 +532,7 @@ def test_longshot_eval_end_to_end(tmp_path, capsys):
                  "--model", "tiny", "--width", "64", "--height", "64", "--fps", "8", "--steps", "1",
                  "--guidance", "2.5", "--guidance-rescale", "0.5", "--infill-guidance", "1.5",
                  "--workers", "1", "--engine", "eager",
-                 "--vae-clips", "1", "--denoise-frames", "2", "--window-prompts", "2",
+                 "--vae-clips", "1", "--denoise-frames", "2", "--window-prompts", "2", "--image-prompts", "3",
                  "--out", str(tmp_path)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
@@ -519,3 +561,33 @@ def test_longshot_eval_end_to_end(tmp_path, capsys):
     assert 0.0 <= continuation["ceiling"]["adherence"] <= 1.0
     targets = {(c["target"], c["schedule"]) for c in report["checks"]}
     assert {("vae_psnr", None), ("adherence", "parallel"), ("seam_ratio", "parallel")} <= targets
+    assert report["image"]["prompts"] == 3 and 0.0 <= report["image"]["adherence"] <= 1.0
+
+
+def test_longshot_eval_of_the_model_alone_renders_nothing(tmp_path, capsys):
+    """`--prompts 0`: no cluster and no render; the stills and the VAE are measured, and printed."""
+    code = ev.main(["--prompts", "0", "--model", "tiny", "--width", "64", "--height", "64", "--fps", "8",
+                    "--steps", "1", "--vae-clips", "1", "--denoise-frames", "0", "--window-prompts", "0",
+                    "--image-prompts", "2", "--out", str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "One generated still per prompt, 2 prompts: adherence" in printed
+    assert "VAE reconstruction PSNR on 1 held-out world clips" in printed
+    assert "prompt adherence" not in printed, "no schedule table without renders"
+    assert "1 of 1 target checks pass" in printed or "0 of 1 target checks pass" in printed, "the VAE's PSNR"
+    assert not list(tmp_path.glob("*.mp4"))
+    assert ev.main(["--json", "--prompts", "0", "--model", "tiny", "--width", "64", "--height", "64", "--fps", "8",
+                    "--steps", "1", "--vae-clips", "0", "--denoise-frames", "2", "--window-prompts", "0",
+                    "--image-prompts", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["schedules"] == {} and report["world"] is None and report["prompts"] == []
+    assert report["image"]["prompts"] == 1 and report["window"] is None and report["denoising"] is None
+    assert report["prompt_sensitivity"] is None, "no rendered or window prompts to rename words in"
+    assert report["checks"] == [] and report["settings"]["image_prompts"] == 1
+    with pytest.raises(SystemExit):
+        ev.main(["--prompts", "0", "--vae-clips", "0", "--denoise-frames", "0", "--window-prompts", "0",
+                 "--image-prompts", "0"])
+    assert "--prompts=0: with nothing rendered" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ev.main(["--image-prompts", "1001"])
+    assert "--image-prompts=1001: must be in 0..1000" in capsys.readouterr().err
