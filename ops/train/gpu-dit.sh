@@ -165,7 +165,7 @@ python3 -m model.train export --run "$run" --out "$run/export"
 python3 - "$run/export" "$prompts" "$device" > "$out/window.json" <<'PY'
 import json, sys
 from model.generator import Generator
-from orchestrator.evaluate import continuation_adherence, eval_prompts, window_adherence
+from orchestrator.evaluate import continuation_adherence, eval_prompts, image_adherence, window_adherence
 
 trained, count, device = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 report = {}
@@ -175,6 +175,8 @@ for name, path in (("shipped", Generator.default_checkpoint()), ("trained", trai
     report[name] = window_adherence(generator, eval_prompts(count), **settings)
     # Whether the DiT can carry on the shapes of an observed frame at all (the shipped one cannot).
     report[name]["continuation"] = continuation_adherence(generator, eval_prompts(count), **settings)
+    # One still per prompt, over more prompts (a still costs a sixteenth of a window): the layouts alone.
+    report[name]["image"] = image_adherence(generator, eval_prompts(4 * count), **settings)
 print(json.dumps(report, indent=2))
 PY
 cat "$out/window.json"
