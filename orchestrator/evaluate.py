@@ -1083,59 +1083,65 @@ def _by_level(levels: Sequence[float], first: Sequence[Any], second: Sequence[An
     return ", ".join(f"{level:g}: {a} / {b}" for level, a, b in zip(levels, first, second))
 
 
+def _cell(value: Any, passed: bool | None) -> str:
+    """A table cell: the value, and pass or FAIL where it is checked against a target."""
+    text = "-" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+    if passed is None:
+        return text
+    return f"{text} [green]pass[/]" if passed else f"{text} [red]FAIL[/]"
+
+
+def _schedule_table(report: dict, verdict: Mapping[tuple[str, str | None], bool | None]):
+    """The renders' metrics, one column per schedule and one for the world's own video."""
+    from rich.table import Table
+
+    columns = list(report["schedules"]) + ([WORLD_COLUMN] if report.get("world") else [])
+    summaries = {s: v["summary"] for s, v in report["schedules"].items()}
+    if report.get("world"):
+        summaries[WORLD_COLUMN] = report["world"]["summary"]
+    settings = report["settings"]
+    table = Table(title=f"longshot eval: {settings['prompts']} prompts x {settings['seconds']:g} s, "
+                        f"{settings['width']}x{settings['height']} @ {settings['fps']} fps")
+    table.add_column("metric")
+    for column in columns:
+        table.add_column(column + (" (reference)" if column == WORLD_COLUMN else ""), justify="right")
+    table.add_column("target", justify="right")
+
+    def row(label: str, key: str, mark: str | None = None) -> None:
+        values = [summaries[c]["persistence"].get(mark) if mark else summaries[c].get(key) for c in columns]
+        table.add_row(label, *[_cell(v, None if mark else verdict.get((key, c))) for v, c in zip(values, columns)],
+                      "" if mark else _target_text(key))
+
+    row("prompt adherence", "adherence")
+    for mark in summaries[columns[0]]["persistence"]:
+        row(f"persistence @ {mark} s", "persistence", mark)
+    row("persistence (end)", "persistence_final")
+    row("motion adherence (first 6 s)", "motion_adherence")
+    row("seam ratio", "seam_ratio")
+    row("  at task boundaries", "seam_ratio_task")
+    row("  at segment boundaries", "seam_ratio_segment")
+    row("  at refinement boundaries", "seam_ratio_refine")
+    row("colour drift (delta E)", "drift_delta_e")
+    row("background correct", "background_correct")
+    if any(c["target"] == "persistence_vs_autoregressive" for c in report["checks"]):
+        table.add_row("persistence >= autoregressive",
+                      *[_cell("", verdict.get(("persistence_vs_autoregressive", c))) if
+                        ("persistence_vs_autoregressive", c) in verdict else "" for c in columns],
+                      "hierarchical")
+    return table
+
+
 def _print_table(report: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     verdict = {(c["target"], c["schedule"]): c["passed"] for c in report["checks"]}
-
-    def cell(value: Any, passed: bool | None) -> str:
-        text = "-" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
-        if passed is None:
-            return text
-        return f"{text} [green]pass[/]" if passed else f"{text} [red]FAIL[/]"
-
-    # Nothing rendered (--prompts 0): no schedule table, the model-only lines alone.
-    if report["schedules"]:
-        columns = list(report["schedules"]) + ([WORLD_COLUMN] if report.get("world") else [])
-        summaries = {s: v["summary"] for s, v in report["schedules"].items()}
-        if report.get("world"):
-            summaries[WORLD_COLUMN] = report["world"]["summary"]
-        settings = report["settings"]
-        table = Table(title=f"longshot eval: {settings['prompts']} prompts x {settings['seconds']:g} s, "
-                            f"{settings['width']}x{settings['height']} @ {settings['fps']} fps")
-        table.add_column("metric")
-        for column in columns:
-            table.add_column(column + (" (reference)" if column == WORLD_COLUMN else ""), justify="right")
-        table.add_column("target", justify="right")
-
-        def row(label: str, key: str, mark: str | None = None) -> None:
-            values = [summaries[c]["persistence"].get(mark) if mark else summaries[c].get(key) for c in columns]
-            table.add_row(label, *[cell(v, None if mark else verdict.get((key, c))) for v, c in zip(values, columns)],
-                          "" if mark else _target_text(key))
-
-        row("prompt adherence", "adherence")
-        for mark in summaries[columns[0]]["persistence"]:
-            row(f"persistence @ {mark} s", "persistence", mark)
-        row("persistence (end)", "persistence_final")
-        row("motion adherence (first 6 s)", "motion_adherence")
-        row("seam ratio", "seam_ratio")
-        row("  at task boundaries", "seam_ratio_task")
-        row("  at segment boundaries", "seam_ratio_segment")
-        row("  at refinement boundaries", "seam_ratio_refine")
-        row("colour drift (delta E)", "drift_delta_e")
-        row("background correct", "background_correct")
-        if any(c["target"] == "persistence_vs_autoregressive" for c in report["checks"]):
-            table.add_row("persistence >= autoregressive",
-                          *[cell("", verdict.get(("persistence_vs_autoregressive", c))) if
-                            ("persistence_vs_autoregressive", c) in verdict else "" for c in columns],
-                          "hierarchical")
-        console.print(table)
+    if report["schedules"]:  # nothing rendered (--prompts 0): the model-only lines alone
+        console.print(_schedule_table(report, verdict))
     if report.get("vae") is not None:
         vae = report["vae"]
         console.print(f"VAE reconstruction PSNR on {vae['clips']} held-out world clips of {vae['num_frames']} frames: "
-                      f"{cell(vae['psnr'], verdict.get(('vae_psnr', None)))} dB (target {_target_text('vae_psnr')})")
+                      f"{_cell(vae['psnr'], verdict.get(('vae_psnr', None)))} dB (target {_target_text('vae_psnr')})")
         ceiling = vae.get("reconstruction")
         if ceiling:
             console.print(f"The VAE's ceiling (its reconstruction of each prompt's world video, first "
