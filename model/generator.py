@@ -3,7 +3,8 @@
 A checkpoint directory holds ``config.json`` (the :class:`ModelConfig`, naming its preset) and
 ``model.safetensors`` (weights of the VAE, text encoder and DiT, under the prefixes ``vae.``, ``text.`` and
 ``dit.``). Its content hash is recorded by the orchestrator in every job store, so a resumed render can prove
-it uses the same weights.
+it uses the same weights. ``config.json`` may also hold ``sampling``: the render settings this model was
+measured best with (for example its refinement level), which a job that leaves them unset takes.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# The section of config.json with the model's own render defaults: names of job settings, each a number.
+SAMPLING_KEY = "sampling"
 SHIPPED_DIR = Path(__file__).parent / "checkpoints" / "demo"
 
 
@@ -108,12 +111,42 @@ def file_hash(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def checkpoint_hash(weights_path: Path, config: ModelConfig) -> str:
+def checkpoint_hash(weights_path: Path, config: ModelConfig, sampling: dict | None = None) -> str:
     """Identity of a checkpoint: its weights file and the model configuration it is loaded with (the latent
-    normalisation and the sampling prior live in the configuration and change the output as much as weights)."""
+    normalisation and the sampling prior live in the configuration and change the output as much as weights),
+    and its render defaults where it has any (they change what a job that leaves them unset renders)."""
     digest = hashlib.sha256(file_hash(weights_path).encode())
     digest.update(json.dumps(config.to_dict(), sort_keys=True).encode())
+    if sampling:
+        digest.update(json.dumps(sampling, sort_keys=True).encode())
     return "sha256:" + digest.hexdigest()
+
+
+def sampling_defaults(value: Any) -> dict[str, float]:
+    """A checkpoint's ``sampling`` section checked for shape: setting names mapped to numbers. Which settings
+    a job takes from it, and their limits, are the job spec's to check."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{SAMPLING_KEY}: must map setting names to numbers, got {type(value).__name__}")
+    for key, number in value.items():
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ValueError(f"{SAMPLING_KEY}.{key}: must be a number, got {number!r}")
+    return dict(value)
+
+
+def checkpoint_sampling(name_or_path: str | Path) -> dict[str, float]:
+    """The render defaults (``config.json``'s ``sampling``) of what :meth:`Generator.from_name` loads for
+    ``name_or_path``, read without the weights; a preset's random weights have none."""
+    if isinstance(name_or_path, str) and name_or_path in preset_names():
+        if name_or_path != "demo" or Generator.default_checkpoint() is None:
+            return {}
+        name_or_path = Generator.default_checkpoint()
+    path = Path(name_or_path).expanduser() / CONFIG_FILE
+    try:
+        return sampling_defaults(json.loads(path.read_text()).get(SAMPLING_KEY))
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(path.parent, f"{CONFIG_FILE} is not a valid model config ({err})") from err
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -125,10 +158,13 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 class Generator:
     """Inference facade over a :class:`VideoModel`. See the module docstring for the checkpoint format."""
 
-    def __init__(self, model: VideoModel, *, device=None, checkpoint_hash: str | None = None):
+    def __init__(self, model: VideoModel, *, device=None, checkpoint_hash: str | None = None,
+                 sampling: dict | None = None):
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.config = model.cfg
+        # Render defaults of this model (config.json's `sampling`), for the job settings a job leaves unset.
+        self.sampling = sampling_defaults(sampling)
         # CPU: fp32. CUDA: bf16 autocast where the card supports it (weights stay fp32 for exactness of norms).
         self.dtype = (torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported()
                       else torch.float32)
@@ -162,6 +198,7 @@ class Generator:
         try:
             meta = json.loads(config_path.read_text())
             cfg = ModelConfig.from_dict(meta["model"])
+            sampling = sampling_defaults(meta.get(SAMPLING_KEY))
         except (ValueError, KeyError, TypeError) as err:  # ValueError covers bad JSON and unknown config keys
             raise CheckpointError(path, f"{CONFIG_FILE} is not a valid model config ({err})") from err
         try:
@@ -181,7 +218,8 @@ class Generator:
                 raise CheckpointError(path, f"tensor {key!r} has shape {tuple(value.shape)}, "
                                       f"expected {tuple(expected[key].shape)}")
         model.load_state_dict({k: v.float() for k, v in state.items()})
-        return cls(model, device=device, checkpoint_hash=checkpoint_hash(weights_path, cfg))
+        return cls(model, device=device, checkpoint_hash=checkpoint_hash(weights_path, cfg, sampling),
+                   sampling=sampling)
 
     def save(self, path: str | Path, *, dtype: torch.dtype = torch.float32, extra: dict | None = None) -> Path:
         path = Path(path)
@@ -190,8 +228,10 @@ class Generator:
                  for k, v in self.model.state_dict().items()}
         save_file(state, str(path / WEIGHTS_FILE))
         meta = {"format": FORMAT_VERSION, "model": self.config.to_dict(), **(extra or {})}
+        if self.sampling:
+            meta[SAMPLING_KEY] = self.sampling
         (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        self.checkpoint_hash = checkpoint_hash(path / WEIGHTS_FILE, self.config)
+        self.checkpoint_hash = checkpoint_hash(path / WEIGHTS_FILE, self.config, self.sampling)
         return path
 
     @staticmethod

@@ -57,7 +57,8 @@ from safetensors.torch import load_file, save_file
 from model.config import ModelConfig, get_preset, preset_names
 from model.dit import FrameInputs, VideoDiT
 from model.flow import noisy, sample_training_times, video_noise, window_flow_losses, windows_noise
-from model.generator import CONFIG_FILE, WEIGHTS_FILE, Generator, VideoModel, _quiet_open_clip
+from model.generator import (CONFIG_FILE, SAMPLING_KEY, WEIGHTS_FILE, Generator, VideoModel, _quiet_open_clip,
+                             sampling_defaults)
 from model.latent_pool import (CLIP_FPS, CLIP_SECONDS, LatentPool, build_pool, encode_pixel_groups, latent_object_mask,
                                num_latents, pixel_groups, to_pixels)
 from model.vae import SHAPE_SCALE, Decoder
@@ -67,6 +68,7 @@ from model.world import (EVAL_SEED_BASE, SHAPES, caption, object_mask, render_fr
 PARTS = ("vae", "text", "dit")
 POOL_NAME = "latents.zarr"  # a run's latent pool for DiT training (``longshot train latents``)
 STILLS_NAME = "stills.zarr"  # a run's pool of stills (``longshot train latents --stills``)
+SAMPLING_FILE = "sampling.json"  # a run's render defaults for its exports (``longshot train export --sampling``)
 # Frame sizes (width, height) the demo model trains on; all multiples of 16, landscape, portrait and square.
 VIDEO_SIZES = ((128, 80), (80, 128), (96, 96), (128, 64))
 # Noise levels the DiT's estimates are made from when the decoder trains on them (`--generated`): a render's
@@ -1184,9 +1186,20 @@ def build_model(preset: str, run: Path, parts: tuple[str, ...]) -> tuple[VideoMo
     return model, metas
 
 
-def export(run: Path, out: Path, preset: str) -> Path:
+def run_sampling(run: Path, updates: dict | None = None) -> dict:
+    """The render defaults a run's export records (``<run>/sampling.json``: unpacked from a checkpoint, or set
+    by ``export --sampling``), with ``updates`` applied and kept for the next export."""
+    path = run / SAMPLING_FILE
+    sampling = sampling_defaults(json.loads(path.read_text())) if path.is_file() else {}
+    if updates:
+        sampling.update(sampling_defaults(updates))
+        path.write_text(json.dumps(sampling, indent=2) + "\n")
+    return sampling
+
+
+def export(run: Path, out: Path, preset: str, sampling: dict | None = None) -> Path:
     model, metas = build_model(preset, run, PARTS)
-    gen = Generator(model, device="cpu")
+    gen = Generator(model, device="cpu", sampling=run_sampling(run, sampling))
     extra = {"training": {part: {k: v for k, v in meta.items() if k != "part"} for part, meta in metas.items()}}
     gen.save(out, dtype=torch.float16, extra=extra)
     size = sum(p.stat().st_size for p in out.iterdir())
@@ -1220,17 +1233,37 @@ def unpack(checkpoint: Path, run: Path) -> Path:
             record.update(latent_shift=stats["latent_shift"], latent_scale=stats["latent_scale"])
         paths.meta.write_text(json.dumps(record, indent=2))
     (run / "model.json").write_text(json.dumps(meta["model"], indent=2) + "\n")
+    if meta.get(SAMPLING_KEY):  # the checkpoint's render defaults, so that re-exporting the run keeps them
+        (run / SAMPLING_FILE).write_text(json.dumps(meta[SAMPLING_KEY], indent=2) + "\n")
     print(f"unpacked {checkpoint} into {run}: {', '.join(PARTS)}")
     return run
 
 
 # -------------------------------------------------------------------------------------------------- CLI
+def parse_sampling(items: list[str]) -> dict[str, float]:
+    """``--sampling SETTING=VALUE`` options as a mapping; raises ValueError naming a malformed one."""
+    sampling = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key:
+                raise ValueError
+            sampling[key] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise ValueError(f"--sampling={item!r}: must be SETTING=NUMBER, e.g. refine=0.9") from None
+    return sampling
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="longshot train", description=__doc__.split("\n\n")[0])
     parser.add_argument("part", choices=PARTS + ("latents", "export", "unpack"))
     parser.add_argument("--preset", default="demo", choices=preset_names())
     parser.add_argument("--run", default="runs/demo", help="run directory holding every part's state")
     parser.add_argument("--out", default=None, help="export: checkpoint directory to write")
+    parser.add_argument("--sampling", action="append", default=[], metavar="SETTING=VALUE",
+                        help="export: a render default of the exported model, taken by a job that leaves the "
+                             "setting unset (infill_guidance, extension_guidance_floor, refine, refine_steps), "
+                             "e.g. refine=0.9; repeatable, and kept in the run's sampling.json for later exports")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
@@ -1305,7 +1338,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     run = Path(args.run)
     if args.part == "export":
-        export(run, Path(args.out or "model/checkpoints/demo"), args.preset)
+        export(run, Path(args.out or "model/checkpoints/demo"), args.preset, parse_sampling(args.sampling))
         return 0
     if args.part == "unpack":
         source = Path(args.init_from) if args.init_from else Generator.default_checkpoint()

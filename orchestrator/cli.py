@@ -61,17 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--guidance-rescale", type=float, dest="guidance_rescale",
                    help="0..1: scale the guided prediction back to the conditional one's spread (default 0)")
     r.add_argument("--infill-guidance", type=float, dest="infill_guidance",
-                   help="guidance of infill tasks, whose frames lie between observed frames (default: 1, or "
-                        "--guidance if lower)")
+                   help="guidance of infill tasks, whose frames lie between observed frames (default: the "
+                        "model's, else 1, or --guidance if lower)")
     r.add_argument("--extension-guidance-floor", type=float, dest="extension_guidance_floor", metavar="LEVEL",
                    help="noise level below which extension tasks (observed frames on one side only) sample "
-                        "without guidance, 0 to 1 (default 0.92; 0 guides every step)")
+                        "without guidance, 0 to 1 (default: the model's, else 0.92; 0 guides every step)")
     r.add_argument("--refine", type=float, metavar="LEVEL",
                    help="noise level of the refinement pass over the drafted latents, 0 (off) to below 1 "
-                        "(default 0.75)")
+                        "(default: the model's, else 0.75)")
     r.add_argument("--refine-steps", type=int, dest="refine_steps",
-                   help="sampling steps of a refinement task (default: the share of --steps the level spans, "
-                        "at most 5)")
+                   help="sampling steps of a refinement task (default: the model's, else the share of --steps "
+                        "the level spans, at most 5)")
     r.add_argument("--sampler", help="euler or heun")
     r.add_argument("--schedule", help="parallel (default), autoregressive, long-range, hierarchy-2, hierarchy-3")
     r.add_argument("--window", type=int, help="frames per model call (default: the model's maximum)")

@@ -1027,6 +1027,14 @@ def load_generator(model: str | None):
     return Generator.from_name(resolve_model(model), device="cpu")
 
 
+def model_sampling(model: str | None) -> dict:
+    """The render defaults of the checkpoint a job with ``model`` renders with (config.json's `sampling`)."""
+    from cluster.worker import resolve_model
+    from model.generator import checkpoint_sampling
+
+    return checkpoint_sampling(resolve_model(model))
+
+
 def _mean(values: Iterable[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return round(float(np.mean(kept)), 4) if kept else None
@@ -1204,8 +1212,10 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     prompts = eval_prompts(args.prompts)
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="longshot-eval-"))
     work.mkdir(parents=True, exist_ok=True)
-    # The job spec's defaults decide the frame size, rate and sampling settings, rendered or not.
+    # The job spec's defaults decide the frame size, rate and sampling settings, rendered or not; the settings
+    # a job leaves unset are the model's where its checkpoint has them, as in a render.
     first_job = _job_spec(args, (prompts or eval_prompts(1))[0][1], args.schedules[0], work / "settings.mp4")
+    first_job = first_job.with_model_defaults(model_sampling(args.model))
     width, height, fps, seconds = first_job.width, first_job.height, first_job.fps, first_job.seconds
     num_frames = first_job.num_frames
 

@@ -211,6 +211,7 @@ def model_facts(num_frames: int, height: int, width: int, model: str, engine: st
         "num_latent_frames": int(gen.num_latent_frames(num_frames)),
         "latent_height": int(h),
         "latent_width": int(w),
+        "sampling": dict(gen.sampling),
         "worker": worker_info(),
     }
 
@@ -823,8 +824,10 @@ def _render_locked(spec: JobSpec, model_ref: str, show: ProgressReporter, *, sch
             raise SpecError([("window", spec.window,
                               f"the model takes at most {facts['max_window']} frames per window")])
         conditioning, given, allocated = conditioning_layout(spec, facts["num_latent_frames"], clip_frames)
-        refine = spec.refine_level > 0 and not (not force and _predates_refinement(spec.store_path))
-        plan_args = (spec, allocated, window, given, facts["decode_context"])
+        # The settings the job leaves unset come from the model; the store records the spec as given.
+        sampled = spec.with_model_defaults(facts["sampling"])
+        refine = sampled.refine_level > 0 and not (not force and _predates_refinement(spec.store_path))
+        plan_args = (sampled, allocated, window, given, facts["decode_context"])
         plan = plan_job(*plan_args, refine=refine)
         if not force:
             plan = _plan_as_stored(spec.store_path, plan, *plan_args)
@@ -847,9 +850,9 @@ def _render_locked(spec: JobSpec, model_ref: str, show: ProgressReporter, *, sch
         job = {
             "run_id": run_id, "store": store.url, "store_created": store.attrs["created"],
             "prompt": spec.prompt, "seed": spec.seed, "steps": spec.steps, "guidance": spec.guidance,
-            "guidance_rescale": spec.guidance_rescale, "infill_guidance": spec.guidance_for_infill,
-            "extension_guidance_floor": spec.guidance_floor_for_extension,
-            "refine_level": spec.refine_level, "refine_steps": spec.steps_for_refine, "refined": plan.refines,
+            "guidance_rescale": spec.guidance_rescale, "infill_guidance": sampled.guidance_for_infill,
+            "extension_guidance_floor": sampled.guidance_floor_for_extension,
+            "refine_level": sampled.refine_level, "refine_steps": sampled.steps_for_refine, "refined": plan.refines,
             "given": list(plan.given), "lossless_segments": _lossless_segments(store, plan),
             "sampler": spec.sampler, "fps": spec.fps, "width": spec.width, "height": spec.height,
             "num_frames": spec.num_frames, "codec": spec.codec, "quality": spec.quality, "output": spec.output,

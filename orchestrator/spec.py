@@ -56,6 +56,9 @@ REFINE_LEVEL = 0.75
 # Default cap on a refinement task's steps: starting from a draft at a moderate level needs few. On the 16-s check
 # at 20 steps, refining with 5 steps instead of 12 gave the same seams (0.99 both) and renders 8% faster.
 REFINE_STEPS_MAX = 5
+# Job settings a model may set its own default for (a checkpoint's `sampling`, model.generator): those whose
+# best value depends on the model's weights, and whose job default is None so that "unset" can be told apart.
+MODEL_DEFAULT_FIELDS = ("infill_guidance", "extension_guidance_floor", "refine", "refine_steps")
 
 
 class SpecError(ValueError):
@@ -236,6 +239,25 @@ class JobSpec(BaseModel):
         if self.refine_steps is not None:
             return self.refine_steps
         return max(1, min(REFINE_STEPS_MAX, math.ceil(self.steps * self.refine_level - 1e-9)))
+
+    def with_model_defaults(self, defaults: dict) -> "JobSpec":
+        """This job with the settings it leaves unset taken from its model's render defaults (a checkpoint's
+        `sampling`). The job store keeps the spec as given: a resume takes the defaults from the same
+        checkpoint again, which the store's model identity pins. Raises SpecError naming a default that is
+        not a MODEL_DEFAULT_FIELDS setting or out of that setting's range."""
+        unknown = [(f"sampling.{key}", value, f"a model may set only {', '.join(MODEL_DEFAULT_FIELDS)}")
+                   for key, value in defaults.items() if key not in MODEL_DEFAULT_FIELDS]
+        if unknown:
+            raise SpecError(unknown)
+        fill = {key: value for key, value in defaults.items() if getattr(self, key) is None}
+        if not fill:
+            return self
+        try:
+            return self.model_validate({**self.model_dump(), **fill})
+        except ValidationError as err:
+            problems = spec_error_from(err).problems
+        raise SpecError([(f"sampling.{field}", value, f"not a valid default for this setting ({message})")
+                         for field, value, message in problems])
 
     def content_fields(self) -> dict:
         """The fields that decide the rendered content; two specs agreeing here render the same video."""

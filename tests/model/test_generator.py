@@ -58,6 +58,33 @@ def test_identity_is_json_and_names_preset_and_content_hash(saved, tmp_path):
     assert Generator.load(prior).identity["checkpoint_hash"] != identity["checkpoint_hash"]
 
 
+def test_render_defaults_travel_with_the_checkpoint_and_into_its_identity(saved, tmp_path):
+    from model.generator import checkpoint_sampling
+
+    gen, path = saved
+    assert gen.sampling == {} and checkpoint_sampling(path) == {} and checkpoint_sampling("tiny") == {}
+    tuned = Path(shutil.copytree(path, tmp_path / "tuned"))
+    config = json.loads((tuned / CONFIG_FILE).read_text())
+    config["sampling"] = {"refine": 0.9}
+    (tuned / CONFIG_FILE).write_text(json.dumps(config))
+    loaded = Generator.load(tuned)
+    assert loaded.sampling == {"refine": 0.9} and checkpoint_sampling(str(tuned)) == {"refine": 0.9}
+    # Same weights rendering with another default: another model to a job store.
+    assert loaded.identity["checkpoint_hash"] != gen.identity["checkpoint_hash"]
+    again = loaded.save(tmp_path / "again")
+    assert json.loads((again / CONFIG_FILE).read_text())["sampling"] == {"refine": 0.9}
+    assert Generator.load(again).identity == loaded.identity
+
+    for bad, message in (({"refine": "high"}, r"sampling\.refine: must be a number, got 'high'"),
+                         ([0.9], r"sampling: must map setting names to numbers, got list")):
+        config["sampling"] = bad
+        (tuned / CONFIG_FILE).write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=message):
+            Generator.load(tuned)
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint_sampling(tuned)
+
+
 def test_presets_build_deterministically_from_the_seed():
     a, b, c = (Generator.from_preset("tiny", seed=s).identity for s in (0, 0, 1))
     assert a == b and a != c

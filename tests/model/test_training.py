@@ -458,10 +458,12 @@ def test_the_training_device_is_checked_before_any_work(tmp_path):
 def test_a_checkpoint_unpacks_into_a_run_that_trains_on(tmp_path, capsys):
     checkpoint = tmp_path / "checkpoint"
     shipped = Generator.from_preset("tiny", seed=0)
+    shipped.sampling = {"refine": 0.9}  # its render defaults go on with the run into every new export
     shipped.save(checkpoint, dtype=torch.float16, extra={"training": {"dit": {"step": 7, "ema": True}}})
     run = tmp_path / "run"
     assert main(["unpack", "--preset", "tiny", "--run", str(run), "--init-from", str(checkpoint)]) == 0
     assert json.loads((run / "dit" / "dit.json").read_text())["step"] == 7
+    assert json.loads((run / "sampling.json").read_text()) == {"refine": 0.9}
     with pytest.raises(FileExistsError, match=r"--run: .* already holds a run"):
         main(["unpack", "--preset", "tiny", "--run", str(run), "--init-from", str(checkpoint)])
 
@@ -478,6 +480,14 @@ def test_a_checkpoint_unpacks_into_a_run_that_trains_on(tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == json.loads((checkpoint / "config.json").read_text())["model"]
     assert config["training"]["dit"]["step"] == 2 and config["training"]["vae"]["unpacked_from"] == str(checkpoint)
+    assert config["sampling"] == {"refine": 0.9}
+    # --sampling adds to the run's defaults and keeps them for the next export.
+    assert main(["export", "--preset", "tiny", "--run", str(run), "--out", str(out), "--sampling", "refine_steps=3",
+                 "--sampling", "refine=0.8"]) == 0
+    assert json.loads((out / "config.json").read_text())["sampling"] == {"refine": 0.8, "refine_steps": 3}
+    assert json.loads((run / "sampling.json").read_text()) == {"refine": 0.8, "refine_steps": 3}
+    with pytest.raises(ValueError, match=r"--sampling='refine': must be SETTING=NUMBER, e\.g\. refine=0\.9"):
+        main(["export", "--preset", "tiny", "--run", str(run), "--out", str(out), "--sampling", "refine"])
 
 
 def test_the_vae_object_weight_counts_errors_on_and_beside_objects_more():

@@ -120,6 +120,24 @@ def test_refinement_level_and_steps():
     assert "start_level" not in sampling_settings(job, infill=True)
 
 
+def test_a_model_default_fills_only_what_the_job_leaves_unset():
+    from orchestrator.spec import REFINE_LEVEL
+
+    default = JobSpec.parse(dict(BASE, steps=8))
+    tuned = default.with_model_defaults({"refine": 0.9, "refine_steps": 3})
+    assert (tuned.refine_level, tuned.steps_for_refine) == (0.9, 3)
+    assert default.refine_level == REFINE_LEVEL and default.with_model_defaults({}) is default
+    # What the job sets wins, 0 (no refinement) included.
+    assert JobSpec.parse(dict(BASE, refine=0)).with_model_defaults({"refine": 0.9}).refine_level == 0
+    assert JobSpec.parse(dict(BASE, refine=0.5)).with_model_defaults({"refine": 0.9}).refine_level == 0.5
+    with pytest.raises(SpecError, match=r"sampling\.steps=3: a model may set only infill_guidance, "
+                                        r"extension_guidance_floor, refine, refine_steps"):
+        default.with_model_defaults({"steps": 3})
+    with pytest.raises(SpecError, match=r"sampling\.refine=1\.5: not a valid default for this setting "
+                                        r"\(input should be less than 1\)"):
+        default.with_model_defaults({"refine": 1.5})
+
+
 def test_every_problem_is_reported_at_once():
     with pytest.raises(SpecError) as info:
         JobSpec.parse({"output": "o.mp4", "fps": 100, "secs": 3})

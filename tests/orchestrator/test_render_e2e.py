@@ -338,6 +338,24 @@ def test_refinement_pass_one_takes_over_the_ends_of_pass_zero_blocks(render_clus
     assert media.probe(spec.output)["frames"] == spec.num_frames
 
 
+def test_a_checkpoints_render_defaults_apply_where_the_job_leaves_them_unset(render_cluster, tmp_path):
+    """A checkpoint whose `sampling` turns refinement off renders a job that leaves `refine` unset without a
+    refinement pass; the store keeps the spec as given, so a resume takes the default from the model again."""
+    from model.generator import Generator
+
+    gen = Generator.from_preset("tiny", device="cpu", seed=0)
+    gen.sampling = {"refine": 0}
+    checkpoint = gen.save(tmp_path / "unrefined")
+    spec = tiny_spec(tmp_path, model=str(checkpoint))
+    assert spec.refine is None and spec.refine_level > 0
+    result = render(spec, scheduler=render_cluster.scheduler_address, engine="eager")
+    store = JobStore.open(result.store)
+    assert store.plan["tasks"] and not any(task.get("refine") for task in store.plan["tasks"])
+    assert store.attrs["spec"]["refine"] is None
+    again = render(spec, scheduler=render_cluster.scheduler_address, engine="eager")
+    assert again.tasks_run == 0 and again.tasks_skipped == len(store.plan["tasks"])
+
+
 def test_a_decoder_that_reads_the_prompt_gets_the_jobs(render_cluster, tmp_path):
     """Decode tasks hand the job's prompt to a decoder that reads it (vae.caption_width): the segments are
     that decode of the stored latents, not the empty prompt's."""
