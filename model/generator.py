@@ -138,11 +138,10 @@ def sampling_defaults(value: Any) -> dict[str, float]:
 def checkpoint_sampling(name_or_path: str | Path) -> dict[str, float]:
     """The render defaults (``config.json``'s ``sampling``) of what :meth:`Generator.from_name` loads for
     ``name_or_path``, read without the weights; a preset's random weights have none."""
-    if isinstance(name_or_path, str) and name_or_path in preset_names():
-        if name_or_path != "demo" or Generator.default_checkpoint() is None:
-            return {}
-        name_or_path = Generator.default_checkpoint()
-    path = Path(name_or_path).expanduser() / CONFIG_FILE
+    checkpoint = Generator.checkpoint_of(name_or_path)
+    if checkpoint is None:
+        return {}
+    path = checkpoint.expanduser() / CONFIG_FILE
     try:
         return sampling_defaults(json.loads(path.read_text()).get(SAMPLING_KEY))
     except (OSError, ValueError, AttributeError) as err:
@@ -242,11 +241,16 @@ class Generator:
     @classmethod
     def from_name(cls, name_or_path: str | Path, *, device=None) -> "Generator":
         """A preset name (random weights) or a checkpoint directory."""
+        path = cls.checkpoint_of(name_or_path)
+        return cls.from_preset(str(name_or_path), device=device) if path is None else cls.load(path, device=device)
+
+    @classmethod
+    def checkpoint_of(cls, name_or_path: str | Path) -> Path | None:
+        """The checkpoint directory :meth:`from_name` loads for ``name_or_path``: None for a preset's random
+        weights, the shipped checkpoint for ``demo`` where it is installed."""
         if isinstance(name_or_path, str) and name_or_path in preset_names():
-            if name_or_path == "demo" and cls.default_checkpoint() is not None:
-                return cls.load(cls.default_checkpoint(), device=device)
-            return cls.from_preset(name_or_path, device=device)
-        return cls.load(name_or_path, device=device)
+            return cls.default_checkpoint() if name_or_path == "demo" else None
+        return Path(name_or_path)
 
     # -- facts the orchestrator reads ---------------------------------------------------------------------
     @property

@@ -1244,13 +1244,14 @@ def parse_sampling(items: list[str]) -> dict[str, float]:
     """``--sampling SETTING=VALUE`` options as a mapping; raises ValueError naming a malformed one."""
     sampling = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         try:
-            if not sep or not key:
-                raise ValueError
-            sampling[key] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+            value = json.loads(text) if sep and key else None  # a whole number stays an int (refine_steps)
         except ValueError:
-            raise ValueError(f"--sampling={item!r}: must be SETTING=NUMBER, e.g. refine=0.9") from None
+            value = None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"--sampling={item!r}: must be SETTING=NUMBER, e.g. refine=0.9")
+        sampling[key] = value
     return sampling
 
 
